@@ -1,0 +1,218 @@
+"""The DeiT models with iRPE of the paper, registered in timm's model registry on import.
+
+``import rpe_models`` makes ``timm.create_model('deit_small_patch16_224_ctx_product_50_shared_k', ...)`` work (timm
+1.x, including the ``pretrained_cfg``/``pretrained_cfg_overlay``/``cache_dir`` arguments it passes). Every model
+uses contextual iRPE shared across heads, with one skip bucket for the class token; the name reads
+``deit_<size>_patch16_224_ctx_<method>_<buckets>_shared_<on>``.
+
+:data:`MODEL_ZOO` is the single table of the nine models: configuration, whether a checkpoint was released, and
+the published figures (parameters, MACs, ImageNet-1k top-1/top-5 at 224, from the iRPE README's model zoo table).
+``tools/model_zoo.py`` and ``hubconf.py`` read it.
+
+``pretrained=True`` fetches ``<prefix><name>.pth`` into torch.hub's cache (``torch.hub.get_dir()/checkpoints``)
+with ``<prefix>`` = :data:`MODEL_ZOO_URL`, unless the environment variable ``IRPE_MODEL_ZOO_URL`` names a mirror:
+a URL prefix (``https://...``, ``file://...``) or a local directory holding the ``.pth`` files. The released
+file names carry no hash, so the checkpoint is verified structurally (every key and shape) before a strict load.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from timm.models import register_model
+
+import irpe
+from models import create_deit, is_url
+from rpe_vision_transformer import VisionTransformer
+
+__all__ = ["MODEL_ZOO", "MODEL_ZOO_URL", "ZooEntry", "checkpoint_location", "create_irpe_deit", "rpe_config_of"]
+
+MODEL_ZOO_URL = "https://github.com/wkcn/iRPE-model-zoo/releases/download/1.0/"
+MODEL_ZOO_ENV = "IRPE_MODEL_ZOO_URL"
+PUBLISHED_SOURCE = "iRPE README model zoo (ImageNet-1k val, 224x224, the original authors' runs)"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One iRPE model of the zoo.
+
+    Attributes:
+        name: registered model name.
+        size: DeiT size (``'tiny'``, ``'small'``, ``'base'``).
+        method: iRPE method (``'euc'``, ``'quant'``, ``'cross'``, ``'product'``).
+        ratio: ``alpha = ratio, beta = 2 ratio, gamma = 8 ratio`` of the piecewise index.
+        rpe_on: where the encodings are (``'k'``, ``'qk'``, ``'qkv'``).
+        released: a checkpoint ``<name>.pth`` exists under :data:`MODEL_ZOO_URL`.
+        params_m: published parameters (millions), ``None`` when not published.
+        macs_m: published MACs (millions) at 224.
+        top1: published ImageNet-1k top-1 accuracy (%).
+        top5: published top-5 accuracy (%).
+    """
+
+    name: str
+    size: str
+    method: str
+    ratio: float
+    rpe_on: str
+    released: bool = False
+    params_m: float | None = None
+    macs_m: int | None = None
+    top1: float | None = None
+    top5: float | None = None
+
+    @property
+    def rpe_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`irpe.get_rpe_config` for this model."""
+        return {
+            "ratio": self.ratio,
+            "method": self.method,
+            "mode": "ctx",
+            "shared_head": True,
+            "skip": 1,
+            "rpe_on": self.rpe_on,
+        }
+
+
+MODEL_ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry("deit_tiny_patch16_224_ctx_product_50_shared_k", "tiny", "product", 1.9, "k",
+                 released=True, params_m=5.76, macs_m=1284, top1=73.7, top5=92.0),
+        ZooEntry("deit_small_patch16_224_ctx_euc_20_shared_k", "small", "euc", 20, "k"),
+        ZooEntry("deit_small_patch16_224_ctx_quant_51_shared_k", "small", "quant", 33, "k"),
+        ZooEntry("deit_small_patch16_224_ctx_cross_56_shared_k", "small", "cross", 20, "k"),
+        ZooEntry("deit_small_patch16_224_ctx_product_50_shared_k", "small", "product", 1.9, "k",
+                 released=True, params_m=22.09, macs_m=4659, top1=80.9, top5=95.4),
+        ZooEntry("deit_small_patch16_224_ctx_product_50_shared_qk", "small", "product", 1.9, "qk",
+                 released=True, params_m=22.13, macs_m=4706, top1=81.0, top5=95.5),
+        ZooEntry("deit_small_patch16_224_ctx_product_50_shared_qkv", "small", "product", 1.9, "qkv",
+                 released=True, params_m=22.17, macs_m=4885, top1=81.2, top5=95.5),
+        ZooEntry("deit_base_patch16_224_ctx_product_50_shared_k", "base", "product", 1.9, "k",
+                 released=True, params_m=86.61, macs_m=17684, top1=82.3, top5=95.9),
+        ZooEntry("deit_base_patch16_224_ctx_product_50_shared_qkv", "base", "product", 1.9, "qkv",
+                 released=True, params_m=86.68, macs_m=18137, top1=82.8, top5=96.1),
+    )
+}  # fmt: skip
+
+
+def rpe_config_of(name: str) -> irpe.RPEConfigs:
+    """The iRPE configuration of the zoo model ``name``."""
+    if name not in MODEL_ZOO:
+        raise ValueError(f"unknown iRPE model {name!r}; known: {', '.join(MODEL_ZOO)}")
+    return irpe.get_rpe_config(**MODEL_ZOO[name].rpe_kwargs)
+
+
+def checkpoint_location(name: str, mirror: str | None = None) -> str:
+    """URL (or local path) of the checkpoint of ``name``: ``<prefix><name>.pth``.
+
+    Args:
+        name: zoo model name.
+        mirror: prefix to use; ``None`` reads ``IRPE_MODEL_ZOO_URL``, falling back to :data:`MODEL_ZOO_URL`. A
+            prefix without ``scheme://`` is a local directory.
+
+    Raises:
+        ValueError: the mirror is neither a URL nor an existing directory.
+    """
+    prefix = mirror if mirror is not None else os.environ.get(MODEL_ZOO_ENV, "").strip()
+    prefix = prefix or MODEL_ZOO_URL
+    file_name = f"{name}.pth"
+    if is_url(prefix):
+        return prefix.rstrip("/") + "/" + file_name
+    directory = Path(prefix).expanduser()
+    if not directory.is_dir():
+        raise ValueError(f"{MODEL_ZOO_ENV}={prefix!r} is neither a URL prefix (scheme://...) nor an existing directory")
+    return str(directory / file_name)
+
+
+def create_irpe_deit(name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Build the zoo model ``name`` (the shared builder of every registered entrypoint).
+
+    Args:
+        name: a key of :data:`MODEL_ZOO`.
+        pretrained: load the released checkpoint (see the module docstring).
+        **kwargs: :class:`rpe_vision_transformer.VisionTransformer` arguments (``img_size``, ``num_classes``,
+            ``drop_path_rate``, ...) and what ``timm.create_model`` passes (see :func:`models.create_deit`).
+    """
+    entry = MODEL_ZOO[name]
+    if "rpe_config" in kwargs:
+        raise ValueError(f"{name} fixes its own rpe_config; build other configurations with models.create_deit()")
+    return create_deit(
+        entry.size,
+        pretrained=pretrained,
+        checkpoint=checkpoint_location(name) if pretrained else MODEL_ZOO_URL + f"{name}.pth",
+        released=entry.released,
+        model_name=name,
+        rpe_config=rpe_config_of(name),
+        **kwargs,
+    )
+
+
+def _zoo_model(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
+    """Register ``fn`` (named after a :data:`MODEL_ZOO` entry, body unused) as a timm entrypoint of that model."""
+    if fn.__name__ not in MODEL_ZOO:
+        raise ValueError(f"{fn.__name__} is not in MODEL_ZOO")
+
+    @functools.wraps(fn)
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        return create_irpe_deit(fn.__name__, pretrained=pretrained, **kwargs)
+
+    return register_model(entrypoint)
+
+
+@_zoo_model
+def deit_tiny_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Tiny, contextual product iRPE on keys (ratio 1.9: 50 buckets incl. the class-token bucket)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_euc_20_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual Euclidean iRPE on keys (ratio 20)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_quant_51_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual quantised-Euclidean iRPE on keys (ratio 33)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_cross_56_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual cross iRPE (row table + column table) on keys (ratio 20)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual product iRPE on keys (ratio 1.9)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_product_50_shared_qk(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual product iRPE on queries and keys (ratio 1.9)."""
+    ...
+
+
+@_zoo_model
+def deit_small_patch16_224_ctx_product_50_shared_qkv(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Small, contextual product iRPE on queries, keys and values (ratio 1.9)."""
+    ...
+
+
+@_zoo_model
+def deit_base_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Base, contextual product iRPE on keys (ratio 1.9)."""
+    ...
+
+
+@_zoo_model
+def deit_base_patch16_224_ctx_product_50_shared_qkv(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-Base, contextual product iRPE on queries, keys and values (ratio 1.9)."""
+    ...
