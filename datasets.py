@@ -1,0 +1,324 @@
+"""Datasets and transforms of the training pipeline (DeiT's ``datasets.py``, rewritten).
+
+Supported ``--data-set`` values:
+
+* ``IMNET``: ImageFolder layout ``<data-path>/train/<class>/*`` and ``<data-path>/val/<class>/*``; with
+  ``--load-tar``, ``<data-path>/train.tar`` and ``<data-path>/val.tar`` holding the same class folders, read in
+  place through timm's tar reader (no extraction).
+* ``CIFAR``: CIFAR-100 through torchvision, from ``<data-path>`` (not downloaded).
+* ``INAT`` / ``INAT19``: iNaturalist 2018 / 2019 in DeiT's json layout: ``<data-path>/train{year}.json``,
+  ``<data-path>/val{year}.json`` and ``<data-path>/categories.json``, image paths relative to ``<data-path>``;
+  ``--inat-category`` picks the taxonomy level used as the label (``name`` = species).
+
+The number of classes always comes from the data (class folders, tar members, json categories).
+Problems with the data raise ``utils.UserError`` with a message naming the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from utils import UserError
+
+DATA_SETS: tuple[str, ...] = ("CIFAR", "IMNET", "INAT", "INAT19")
+IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Transform = Callable[[Image.Image], Any]
+
+
+def load_rgb(path: str, fileobj: Any = None) -> Image.Image:
+    """Opens and decodes an image as RGB.
+
+    Raises:
+        UserError: naming ``path`` when the file cannot be read or decoded.
+    """
+    try:
+        with Image.open(fileobj if fileobj is not None else path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _check_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise UserError(
+            f"{what} not found: {path} (expected <data-path>/train/<class>/* and <data-path>/val/<class>/*)"
+        )
+
+
+def folder_classes(root: str) -> list[str]:
+    """Sorted class folder names under ``root``; every one must hold at least one image file.
+
+    Raises:
+        UserError: when ``root`` has no class folder or some class folders hold no image.
+    """
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise UserError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    empty = []
+    for c in classes:
+        if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in os.scandir(os.path.join(root, c))):
+            empty.append(c)
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        raise UserError(f"{len(empty)} empty class folder(s) in {root} (no {'/'.join(IMG_EXTENSIONS)} file): {shown}")
+    return classes
+
+
+def build_image_folder(root: str, transform: Transform | None, class_to_idx: dict[str, int] | None) -> Dataset:
+    """An ``ImageFolder`` over ``root`` whose images fail with a ``UserError`` naming the file.
+
+    Args:
+        root: Split folder with one sub-folder per class.
+        transform: Image transform.
+        class_to_idx: The training split's mapping, so that validation labels agree with it; None to build one.
+    """
+    classes = folder_classes(root)
+    if class_to_idx is not None:
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise UserError(f"classes in {root} that the training split lacks: {', '.join(unknown[:10])}")
+
+    mapping = {c: i for i, c in enumerate(classes)} if class_to_idx is None else {c: class_to_idx[c] for c in classes}
+    return _ImageFolder(root, classes, mapping, transform)
+
+
+class _ImageFolder(tv_datasets.ImageFolder):
+    """``ImageFolder`` with a given class mapping and a loader whose errors name the file (picklable for workers)."""
+
+    def __init__(self, root: str, classes: list[str], class_to_idx: dict[str, int], transform: Transform | None):
+        self._given = (classes, class_to_idx)
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=_is_image_file)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._given
+
+
+def _is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tar archives
+
+
+class TarImageDataset(Dataset):
+    """Images read in place from a tar archive whose members sit in class folders (``<class>/<image>``).
+
+    Uses timm's ``ReaderImageInTar`` (one scan of the member headers, then random access per sample).
+
+    Args:
+        tar_path: The ``.tar`` file.
+        transform: Image transform.
+        class_to_idx: The training split's mapping; None to build one from this archive.
+    """
+
+    def __init__(self, tar_path: str, transform: Transform | None, class_to_idx: dict[str, int] | None = None) -> None:
+        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+        if not os.path.isfile(tar_path):
+            raise UserError(f"tar archive not found: {tar_path} (--load-tar reads <data-path>/train.tar and val.tar)")
+        names = tar_class_names(tar_path)
+        if class_to_idx is not None:
+            unknown = sorted(set(names) - set(class_to_idx))
+            if unknown:
+                raise UserError(f"classes in {tar_path} that the training split lacks: {', '.join(unknown[:10])}")
+        mapping = class_to_idx if class_to_idx is not None else {c: i for i, c in enumerate(names)}
+        self.reader = ReaderImageInTar(tar_path, class_map=dict(mapping))
+        self.tar_path = tar_path
+        self.transform = transform
+        self.classes = names
+        self.class_to_idx = mapping
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        fileobj, target = self.reader[index]
+        name = f"{self.tar_path}:{self.reader.samples[index][0].name}"
+        img = load_rgb(name, fileobj=fileobj)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(target)
+
+
+def tar_class_names(tar_path: str) -> list[str]:
+    """Sorted class names (the folder holding each image) of a tar archive, checking the layout.
+
+    Raises:
+        UserError: if the archive is unreadable, holds no image, or has images outside class folders.
+    """
+    import tarfile
+
+    classes: set[str] = set()
+    loose: list[str] = []
+    try:
+        with tarfile.open(tar_path, mode="r|*") as tf:
+            for ti in tf:
+                if not ti.isfile() or not ti.name.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                folder = os.path.basename(os.path.dirname(os.path.normpath(ti.name)))
+                if folder in ("", "."):
+                    loose.append(ti.name)
+                else:
+                    classes.add(folder)
+    except (tarfile.TarError, OSError) as e:
+        raise UserError(f"cannot read tar archive {tar_path}: {e}") from None
+    if loose:
+        raise UserError(
+            f"{tar_path} has images outside class folders (e.g. {loose[0]}); expected members <class>/<image>"
+        )
+    if not classes:
+        raise UserError(f"{tar_path} holds no image files ({'/'.join(IMG_EXTENSIONS)}) in class folders")
+    return sorted(classes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iNaturalist (DeiT json layout)
+
+
+class INatDataset(Dataset):
+    """iNaturalist 2018/2019 in DeiT's json layout, labelled at the taxonomy level ``category``.
+
+    Labels are the sorted distinct values of ``category`` among the *training* annotations, as DeiT does.
+
+    Args:
+        root: Folder with ``train{year}.json``, ``val{year}.json``, ``categories.json`` and the images.
+        train: Training or validation split.
+        year: 2018 or 2019.
+        category: Key of ``categories.json`` entries (``kingdom``, ..., ``genus``, ``name``).
+        transform: Image transform.
+    """
+
+    def __init__(self, root: str, train: bool, year: int, category: str, transform: Transform | None) -> None:
+        self.root = root
+        self.transform = transform
+        split = "train" if train else "val"
+        data = _read_json(os.path.join(root, f"{split}{year}.json"))
+        train_data = data if train else _read_json(os.path.join(root, f"train{year}.json"))
+        categories = {c["id"]: c for c in _read_json(os.path.join(root, "categories.json"))}
+        try:
+            names = sorted({categories[a["category_id"]][category] for a in train_data["annotations"]})
+            self.class_to_idx = {n: i for i, n in enumerate(names)}
+            labels = {a["image_id"]: a["category_id"] for a in data["annotations"]}
+            self.samples = [
+                (os.path.join(root, im["file_name"]), self.class_to_idx[categories[labels[im["id"]]][category]])
+                for im in data["images"]
+            ]
+        except KeyError as e:
+            raise UserError(f"iNaturalist json in {root} lacks key {e} (inat-category {category!r})") from None
+        self.classes = names
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        img = load_rgb(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise UserError(f"iNaturalist annotation file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def build_dataset(
+    is_train: bool, args: argparse.Namespace, class_to_idx: dict[str, int] | None = None
+) -> tuple[Dataset, int]:
+    """Builds the training or validation dataset named by ``args.data_set`` and returns it with its class count.
+
+    Args:
+        is_train: Training split (with training augmentation) or validation split.
+        args: Parsed flags (``data_set``, ``data_path``, ``load_tar``, ``inat_category`` and the transform flags).
+        class_to_idx: For the validation split of folder/tar data: the training mapping, so labels agree.
+
+    Returns:
+        ``(dataset, nb_classes)``.
+    """
+    if not args.data_path:
+        raise UserError("--data-path is required")
+    if not os.path.isdir(args.data_path):
+        raise UserError(f"--data-path not found: {args.data_path}")
+    transform = build_transform(is_train, args)
+    split = "train" if is_train else "val"
+    if args.data_set == "CIFAR":
+        try:
+            dataset = tv_datasets.CIFAR100(args.data_path, train=is_train, transform=transform, download=False)
+        except RuntimeError as e:
+            raise UserError(f"CIFAR-100 not found in {args.data_path}: {e}") from None
+        return dataset, len(dataset.classes)
+    if args.data_set == "IMNET":
+        if args.load_tar:
+            dataset = TarImageDataset(os.path.join(args.data_path, f"{split}.tar"), transform, class_to_idx)
+        else:
+            root = os.path.join(args.data_path, split)
+            _check_dir(root, f"{split} split folder")
+            dataset = build_image_folder(root, transform, class_to_idx)
+        nb_classes = len(class_to_idx) if class_to_idx is not None else len(dataset.class_to_idx)
+        return dataset, nb_classes
+    if args.data_set in ("INAT", "INAT19"):
+        year = 2018 if args.data_set == "INAT" else 2019
+        dataset = INatDataset(args.data_path, is_train, year, args.inat_category, transform)
+        return dataset, len(dataset.classes)
+    raise UserError(f"unknown --data-set {args.data_set!r}; choose from {', '.join(DATA_SETS)}")
+
+
+def build_transform(is_train: bool, args: argparse.Namespace) -> Transform:
+    """DeiT's transforms.
+
+    Training: timm's ``create_transform`` (random-resized crop, flip, RandAugment, colour jitter, random erasing).
+    Evaluation: resize the short side to ``input_size * 256 / 224``, centre crop, normalize with ImageNet stats.
+    At 32 px and below (CIFAR-like inputs) DeiT swaps the random-resized crop for a padded random crop and skips
+    the eval resize; here the images are also resized to ``input_size`` first so other image sizes work too.
+    """
+    size = int(args.input_size)
+    small = size <= 32
+    if is_train:
+        aa = args.aa if args.aa and str(args.aa).lower() != "none" else None
+        transform = create_transform(
+            input_size=size,
+            is_training=True,
+            color_jitter=args.color_jitter if args.color_jitter else None,
+            auto_augment=aa,
+            interpolation=args.train_interpolation,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+        )
+        if small:
+            transform.transforms[0] = transforms.Compose(
+                [
+                    transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                    transforms.RandomCrop(size, padding=4),
+                ]
+            )
+        return transform
+    steps: list[Any] = []
+    resize = size if small else int(256 / 224 * size)
+    steps.append(transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC))
+    steps.append(transforms.CenterCrop(size))
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(steps)

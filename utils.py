@@ -1,0 +1,355 @@
+"""Training utilities: metric logging with ETA, distributed set-up, atomic checkpoints and user-facing errors.
+
+The layout follows DeiT's ``utils.py`` (a ``MetricLogger`` of ``SmoothedValue`` meters, ``init_distributed_mode``,
+``save_on_master``), rewritten to run the same on CPU (Gloo) and GPU (NCCL), to write checkpoints atomically and to
+keep them loadable with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error the user can fix (bad flag, missing data, wrong checkpoint).
+
+    ``main`` catches it, prints ``error: <message>`` to stderr and exits with code 2 instead of a traceback.
+    The constructor takes a single message so that DataLoader workers can re-raise it in the main process.
+    """
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (e.g. a non-finite loss); ``main`` prints it and exits with code 1."""
+
+
+def user_message(exc: BaseException) -> str:
+    """Returns the one-line message of ``exc``, unwrapping the traceback text DataLoader workers add.
+
+    A ``UserError`` raised in a DataLoader worker is re-raised in the main process with a message that holds the
+    worker's whole traceback; its last line (``module.UserError: <message>``) is what the user needs.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        if ": " in last:
+            return last.split(": ", 1)[1]
+        return last
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metric logging
+
+
+class SmoothedValue:
+    """Tracks a series of values: a windowed median/average for progress lines and a global (weighted) average.
+
+    Args:
+        window_size: Number of recent values kept for ``median`` and ``avg``.
+        fmt: ``str.format`` template over ``median, avg, global_avg, max, value``.
+    """
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None) -> None:
+        self.deque: deque[float] = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        """Adds ``value`` observed ``n`` times (e.g. a batch mean weighted by the batch size)."""
+        self.deque.append(float(value))
+        self.count += n
+        self.total += float(value) * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sums ``count`` and ``total`` over all ranks so that ``global_avg`` is the average over all samples.
+
+        The window (``median``/``avg``) stays per rank: it only feeds progress lines.
+        """
+        if not is_dist_avail_and_initialized():
+            return
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        if not self.deque:
+            return 0.0
+        return float(torch.tensor(list(self.deque)).median().item())
+
+    @property
+    def avg(self) -> float:
+        if not self.deque:
+            return 0.0
+        return sum(self.deque) / len(self.deque)
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+class MetricLogger:
+    """A set of named ``SmoothedValue`` meters and a ``log_every`` iterator printing progress lines with an ETA.
+
+    Args:
+        delimiter: Separator between meters in progress lines.
+    """
+
+    def __init__(self, delimiter: str = "  ") -> None:
+        self.meters: defaultdict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, n: int = 1, **kwargs: float | torch.Tensor) -> None:
+        """Updates meters by name; tensors are converted with ``.item()``; ``n`` weights the values."""
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(float(v), n=n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        """Registers a meter up front (so that every rank holds the same meters even with no batch)."""
+        self.meters[name] = meter
+
+    def __getattr__(self, attr: str) -> SmoothedValue:
+        meters = self.__dict__.get("meters", {})
+        if attr in meters:
+            return meters[attr]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        """Synchronizes all meters in a fixed (sorted) order, identical on every rank."""
+        for name in sorted(self.meters):
+            self.meters[name].synchronize_between_processes()
+
+    def log_every(self, iterable: Iterable[T], print_freq: int, header: str = "") -> Iterator[T]:
+        """Yields from ``iterable`` and prints a progress line every ``print_freq`` steps and at the last one.
+
+        Lines show the step, the ETA of the loop, the meters, the time per step and the data-loading time.
+        """
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = 0
+        width = len(str(total))
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        print_freq = max(int(print_freq), 1)
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * max(total - i - 1, 0)))
+                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self), f"time: {iter_time}"]
+                parts.append(f"data: {data_time}")
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+def is_dist_avail_and_initialized() -> bool:
+    """Whether ``torch.distributed`` is usable and a process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints progress."""
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silences ``print`` on non-master ranks unless called with ``force=True``."""
+    builtin_print = builtins.print
+
+    def print_(*args: Any, **kwargs: Any) -> None:
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def distributed_env() -> tuple[int, int, int] | None:
+    """Reads (rank, world_size, local_rank) from the launcher's environment, or None when not launched.
+
+    ``torch.distributed.launch --use_env`` and ``torchrun`` set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; SLURM sets
+    ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Initializes the process group when launched by a distributed launcher; sets ``args.distributed`` and ranks.
+
+    Uses NCCL when ``args.device`` is CUDA and Gloo otherwise. Under SLURM without ``MASTER_ADDR`` the caller
+    must give ``--dist_url`` (``run_with_submitit.py`` passes a shared file).
+    """
+    found = distributed_env()
+    if found is None:
+        print("Not using distributed mode")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+    args.rank, args.world_size, args.gpu = found
+    if args.world_size <= 1:
+        args.distributed = False
+        return
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if use_cuda else "gloo"
+    if args.dist_url == "env://" and "MASTER_ADDR" not in os.environ:
+        raise UserError("distributed launch without MASTER_ADDR/MASTER_PORT: set them or pass --dist_url")
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def to_plain(obj: Any) -> Any:
+    """Converts ``obj`` to plain Python data (dict/list/str/int/float/bool/None) for safe serialization.
+
+    Paths become strings, tuples and sets become lists, anything else unknown becomes its ``str``.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    return str(obj)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Saves ``obj`` with ``torch.save`` so that ``path`` holds either the old or the complete new file.
+
+    Writes to a temporary file in the same directory, flushes and fsyncs it, then ``os.replace``s it over
+    ``path`` (atomic on POSIX and Windows); a crash or error mid-write leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Atomically saves ``obj`` to ``path`` from rank 0 only."""
+    if is_main_process():
+        atomic_torch_save(obj, path)
+
+
+def load_checkpoint(source: str) -> dict[str, Any]:
+    """Loads a checkpoint from a local path or an http(s) URL with ``weights_only=True``.
+
+    Raises:
+        UserError: if the file is missing or is not a plain-data checkpoint.
+    """
+    try:
+        if source.startswith(("http://", "https://")):
+            ckpt = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=True)
+        else:
+            if not os.path.isfile(source):
+                raise UserError(f"checkpoint not found: {source}")
+            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # unpickling errors, truncated files, HTTP errors
+        raise UserError(f"cannot load checkpoint {source}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {source} is not a dict (got {type(ckpt).__name__})")
+    return ckpt
+
+
+def eprint(message: str) -> None:
+    """Prints ``message`` to stderr on every rank."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
