@@ -1,0 +1,174 @@
+"""Compiled lookup operators of iRPE (Wu et al., "Rethinking and Improving Relative Position Encoding for Vision
+Transformer", ICCV 2021).
+
+Importing this package always succeeds. When the extension `rpe_ops/_C*.so` is built, importing it registers
+`torch.ops.rpe_ops.rpe_index` and `torch.ops.rpe_ops.rpe_bucket_sum` (C++ schemas with CPU and, when built with
+CUDA, CUDA kernels); this module then registers their fake kernels (for `torch.compile`) and their autograd, each
+op's backward being the other op:
+
+    rpe_index(input (B, H, Lq, nb), index (Lq, Lk))           -> (B, H, Lq, Lk),  out[b,h,i,j] = input[b,h,i,index[i,j]]
+    rpe_bucket_sum(input (B, H, Lq, Lk), index (Lq, Lk), nb)  -> (B, H, Lq, nb),  out[b,h,i,k] = sum_{j: index[i,j]==k}
+                                                                                                  input[b,h,i,j]
+
+Build: `cd rpe_ops && python setup.py build_ext --inplace` (see rpe_ops/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["build_info", "has_cuda_kernels", "is_available", "load_error", "rpe_bucket_sum", "rpe_index"]
+
+BUILD_COMMAND = "cd rpe_ops && python setup.py build_ext --inplace  (or `make ops` from the repository root)"
+
+_ext: Any = None
+_load_error: str | None = None
+
+
+def _load_extension() -> None:
+    """Imports `rpe_ops._C` if it was built; records why not otherwise."""
+    global _ext, _load_error
+    if importlib.util.find_spec(f"{__name__}._C") is None:
+        _load_error = f"the rpe_ops extension is not built; build it with: {BUILD_COMMAND}"
+        return
+    try:
+        _ext = importlib.import_module(f"{__name__}._C")
+    except (ImportError, OSError) as exc:
+        _load_error = f"the rpe_ops extension failed to load ({exc}); rebuild it with: {BUILD_COMMAND}"
+        return
+    if not (hasattr(torch.ops.rpe_ops, "rpe_index") and hasattr(torch.ops.rpe_ops, "rpe_bucket_sum")):
+        _ext = None
+        _load_error = f"the rpe_ops extension loaded but did not register its ops; rebuild it with: {BUILD_COMMAND}"
+
+
+def is_available() -> bool:
+    """True when the compiled library is loaded and `torch.ops.rpe_ops.*` are registered."""
+    return _ext is not None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded library holds CUDA kernels (it may without a visible GPU)."""
+    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("rpe_ops::rpe_index", "CUDA")
+
+
+def load_error() -> str | None:
+    """Why the compiled ops are unavailable (with the command that builds them), or None when they are loaded."""
+    return _load_error
+
+
+def build_info() -> dict[str, Any]:
+    """How the loaded library was built: torch version it was compiled against, CUDA runtime and architectures."""
+    if not is_available():
+        return {"available": False, "error": _load_error}
+    info: dict[str, Any] = {
+        "available": True,
+        "library": _ext.__file__,
+        "torch_built": _ext.torch_version,
+        "torch_runtime": torch.__version__,
+        "cuda_kernels": bool(_ext.with_cuda),
+        "cuda_runtime": None,
+        "cuda_archs": [],
+    }
+    for item in filter(None, _ext.cuda_info.split(";")):
+        key, _, value = item.partition("=")
+        if key == "cuda_runtime":
+            info["cuda_runtime"] = value
+        elif key == "archs":
+            info["cuda_archs"] = [f"sm_{int(a) // 10}" for a in value.split(",") if a.strip()]
+    return info
+
+
+def _require() -> None:
+    if _ext is None:
+        raise RuntimeError(f"rpe_ops: compiled operators unavailable: {_load_error}")
+
+
+def rpe_index(input: Tensor, index: Tensor) -> Tensor:
+    """Looks up `input[b, h, i, index[i, j]]`.
+
+    Args:
+        input: Table of shape (B, H, Lq, nb), float32/float64/float16/bfloat16, any strides.
+        index: Bucket ids of shape (Lq, Lk), int64 or int32, values in [0, nb).
+
+    Returns:
+        Tensor of shape (B, H, Lq, Lk) with the dtype of `input`; differentiable w.r.t. `input`.
+    """
+    _require()
+    return torch.ops.rpe_ops.rpe_index.default(input, index)
+
+
+def rpe_bucket_sum(input: Tensor, index: Tensor, num_buckets: int) -> Tensor:
+    """Sums `input[b, h, i, j]` over the keys j that share the bucket `index[i, j]`.
+
+    Args:
+        input: Values of shape (B, H, Lq, Lk), float32/float64/float16/bfloat16 (half types accumulate in float32).
+        index: Bucket ids of shape (Lq, Lk), int64 or int32, values in [0, num_buckets).
+        num_buckets: Number of buckets nb (>= 0).
+
+    Returns:
+        Tensor of shape (B, H, Lq, nb) with the dtype of `input`; differentiable w.r.t. `input`.
+    """
+    _require()
+    return torch.ops.rpe_ops.rpe_bucket_sum.default(input, index, num_buckets)
+
+
+def _check_fake_args(op: str, input: Tensor, index: Tensor) -> None:
+    torch._check(input.device == index.device, lambda: f"{op}: expected input and index on the same device")
+    torch._check(input.dim() == 4, lambda: f"{op}: expected a 4-D input, got {input.dim()}-D")
+    torch._check(index.dim() == 2, lambda: f"{op}: expected a 2-D index, got {index.dim()}-D")
+    torch._check(input.shape[2] == index.shape[0], lambda: f"{op}: expected input.size(2) == index.size(0)")
+
+
+def _rpe_index_fake(input: Tensor, index: Tensor) -> Tensor:
+    _check_fake_args("rpe_ops::rpe_index", input, index)
+    return input.new_empty((input.shape[0], input.shape[1], input.shape[2], index.shape[1]))
+
+
+def _rpe_bucket_sum_fake(input: Tensor, index: Tensor, num_buckets: int) -> Tensor:
+    _check_fake_args("rpe_ops::rpe_bucket_sum", input, index)
+    torch._check(
+        input.shape[3] == index.shape[1], lambda: "rpe_ops::rpe_bucket_sum: expected input.size(3) == index.size(1)"
+    )
+    torch._check(num_buckets >= 0, lambda: f"rpe_ops::rpe_bucket_sum: expected num_buckets >= 0, got {num_buckets}")
+    return input.new_empty((input.shape[0], input.shape[1], input.shape[2], num_buckets))
+
+
+def _rpe_index_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    input, index = inputs
+    ctx.save_for_backward(index)
+    ctx.num_buckets = input.shape[3]
+
+
+def _rpe_index_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+    (index,) = ctx.saved_tensors
+    return torch.ops.rpe_ops.rpe_bucket_sum.default(grad, index, ctx.num_buckets), None
+
+
+def _rpe_bucket_sum_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, index, _ = inputs
+    ctx.save_for_backward(index)
+
+
+def _rpe_bucket_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    (index,) = ctx.saved_tensors
+    return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd for the C++ ops (each op's backward is the other op)."""
+    torch.library.register_fake("rpe_ops::rpe_index")(_rpe_index_fake)
+    torch.library.register_fake("rpe_ops::rpe_bucket_sum")(_rpe_bucket_sum_fake)
+    torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_backward, setup_context=_rpe_index_setup_context)
+    torch.library.register_autograd(
+        "rpe_ops::rpe_bucket_sum", _rpe_bucket_sum_backward, setup_context=_rpe_bucket_sum_setup_context
+    )
+
+
+_load_extension()
+if _ext is not None:
+    _register_python_parts()
