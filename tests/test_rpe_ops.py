@@ -1,0 +1,389 @@
+"""Tests of the compiled iRPE lookup operators `rpe_ops` against the pure-PyTorch reference (gather / scatter_add).
+
+Every test but the import test needs the built extension (`cd rpe_ops && python setup.py build_ext --inplace`) and
+is skipped, with that reason, without it. CUDA cases are marked `cuda` (skipped without a GPU by conftest).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import rpe_ops
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+needs_ops = pytest.mark.skipif(not rpe_ops.is_available(), reason=f"rpe_ops unavailable: {rpe_ops.load_error()}")
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not rpe_ops.has_cuda_kernels(), reason="rpe_ops built without CUDA kernels"),
+        ],
+    ),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INDEX_DTYPES = [torch.int64, torch.int32]
+# (rtol, atol) for bucket sums: half types accumulate in float32 and round once at the end.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (the formulas of irpe's fallback)
+
+
+def ref_rpe_index(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    B, H, Lq, _ = table.shape
+    return torch.gather(table, 3, index.long().expand(B, H, Lq, index.shape[1]))
+
+
+def ref_rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    B, H, Lq, Lk = values.shape
+    acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+    out = torch.zeros(B, H, Lq, num_buckets, dtype=acc, device=values.device)
+    return out.scatter_add_(3, index.long().expand(B, H, Lq, Lk), values.to(acc))
+
+
+def make_index(Lq: int, Lk: int, nb: int, device: str, dtype: torch.dtype = torch.int64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, nb, (Lq, Lk), generator=g).to(device=device, dtype=dtype)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def assert_bucket_sum_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    rtol, atol = TOLERANCES[out.dtype]
+    torch.testing.assert_close(out.to(ref.dtype), ref, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Package
+
+
+def test_package_imports_and_reports_state() -> None:
+    assert callable(rpe_ops.rpe_index) and callable(rpe_ops.rpe_bucket_sum)
+    if rpe_ops.is_available():
+        assert rpe_ops.load_error() is None
+        info = rpe_ops.build_info()
+        assert info["available"] and info["torch_built"] == torch.__version__.split("+")[0]
+        assert info["cuda_kernels"] == rpe_ops.has_cuda_kernels()
+    else:
+        assert "build_ext --inplace" in rpe_ops.load_error()
+        assert not rpe_ops.has_cuda_kernels()
+
+
+def test_unbuilt_package_imports_and_explains(tmp_path: Path) -> None:
+    """A copy of the package without the compiled library imports, reports why, and its wrappers raise."""
+    pkg = tmp_path / "rpe_ops"
+    pkg.mkdir()
+    shutil.copy(REPO_ROOT / "rpe_ops" / "__init__.py", pkg / "__init__.py")
+    script = textwrap.dedent(
+        """
+        import torch, rpe_ops
+        assert not rpe_ops.is_available() and not rpe_ops.has_cuda_kernels()
+        assert "not built" in rpe_ops.load_error() and "build_ext --inplace" in rpe_ops.load_error()
+        assert rpe_ops.build_info()["available"] is False
+        try:
+            rpe_ops.rpe_index(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, dtype=torch.long))
+        except RuntimeError as exc:
+            assert "build_ext --inplace" in str(exc)
+        else:
+            raise AssertionError("expected a RuntimeError")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Agreement with the reference
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("nb", [5, 1500])
+def test_rpe_index_matches_reference(device: str, dtype: torch.dtype, index_dtype: torch.dtype, nb: int) -> None:
+    table = randn(2, 3, 7, nb, dtype=dtype, device=device)
+    index = make_index(7, 9, nb, device, index_dtype)
+    out = rpe_ops.rpe_index(table, index)
+    assert out.dtype == dtype and out.shape == (2, 3, 7, 9) and out.is_contiguous()
+    torch.testing.assert_close(out, ref_rpe_index(table, index), rtol=0, atol=0)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("nb", [5, 1500])
+def test_rpe_bucket_sum_matches_reference(device: str, dtype: torch.dtype, index_dtype: torch.dtype, nb: int) -> None:
+    values = randn(2, 3, 7, 9, dtype=dtype, device=device)
+    index = make_index(7, 9, nb, device, index_dtype)
+    out = rpe_ops.rpe_bucket_sum(values, index, nb)
+    assert out.dtype == dtype and out.shape == (2, 3, 7, nb) and out.is_contiguous()
+    assert_bucket_sum_close(out, ref_rpe_bucket_sum(values, index, nb))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deit_shape_matches_reference(device: str, dtype: torch.dtype) -> None:
+    """Many rows (several threads / blocks), long rows with repeated buckets, as in DeiT-S."""
+    B, H, L, nb = 3, 6, 197, 50
+    index = make_index(L, L, nb, device)
+    table = randn(B, H, L, nb, dtype=dtype, device=device)
+    torch.testing.assert_close(rpe_ops.rpe_index(table, index), ref_rpe_index(table, index), rtol=0, atol=0)
+    values = randn(B, H, L, L, dtype=dtype, device=device)
+    assert_bucket_sum_close(rpe_ops.rpe_bucket_sum(values, index, nb), ref_rpe_bucket_sum(values, index, nb))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_reference(device: str, dtype: torch.dtype) -> None:
+    nb = 6
+    index = make_index(5, 8, nb, device)
+    table = randn(2, 3, 5, nb, dtype=dtype, device=device).requires_grad_()
+    values = randn(2, 3, 5, 8, dtype=dtype, device=device, seed=2).requires_grad_()
+    grad_y, grad_s = randn(2, 3, 5, 8, dtype=dtype, device=device, seed=3), randn(2, 3, 5, nb, device=device, seed=4)
+    (g_table,) = torch.autograd.grad(rpe_ops.rpe_index(table, index), table, grad_y)
+    (g_values,) = torch.autograd.grad(rpe_ops.rpe_bucket_sum(values, index, nb), values, grad_s.to(dtype))
+    assert_bucket_sum_close(g_table, ref_rpe_bucket_sum(grad_y, index, nb))
+    torch.testing.assert_close(g_values, ref_rpe_index(grad_s.to(dtype), index), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Strides and shapes
+
+
+def _tables(B: int, H: int, Lq: int, nb: int, device: str) -> dict[str, torch.Tensor]:
+    return {
+        "transposed_bh": randn(H, B, Lq, nb, device=device).transpose(0, 1),
+        "transposed_last": randn(B, H, nb, Lq, device=device).transpose(2, 3),
+        "sliced_last_step2": randn(B, H, Lq, 2 * nb, device=device)[..., ::2],
+        "sliced_rows": randn(B, H, Lq + 3, nb + 4, device=device)[:, :, 1 : Lq + 1, 2 : nb + 2],
+        "expanded_batch": randn(1, H, Lq, nb, device=device).expand(B, H, Lq, nb),
+        "expanded_all": randn(1, 1, 1, 1, device=device).expand(B, H, Lq, nb),
+    }
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "layout",
+    ["transposed_bh", "transposed_last", "sliced_last_step2", "sliced_rows", "expanded_batch", "expanded_all"],
+)
+def test_non_contiguous_inputs(device: str, layout: str) -> None:
+    B, H, Lq, Lk, nb = 2, 3, 6, 6, 4
+    # A transposed (non-contiguous) index too.
+    index = make_index(Lk, Lq, nb, device).t()
+    table = _tables(B, H, Lq, nb, device)[layout]
+    torch.testing.assert_close(rpe_ops.rpe_index(table, index), ref_rpe_index(table, index), rtol=0, atol=0)
+    values = _tables(B, H, Lq, Lk, device)[layout]
+    assert_bucket_sum_close(rpe_ops.rpe_bucket_sum(values, index, nb), ref_rpe_bucket_sum(values, index, nb))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("B", "H", "Lq", "Lk", "nb"),
+    [
+        (0, 2, 3, 4, 5),
+        (2, 0, 3, 4, 5),
+        (2, 2, 0, 4, 5),
+        (2, 2, 3, 0, 5),
+        (2, 2, 3, 0, 0),
+        (2, 2, 3, 4, 1),
+        (1, 1, 1, 1, 1),
+    ],
+)
+def test_empty_and_tiny_shapes(device: str, B: int, H: int, Lq: int, Lk: int, nb: int) -> None:
+    index = make_index(Lq, Lk, max(nb, 1), device)
+    table = randn(B, H, Lq, nb, device=device)
+    out = rpe_ops.rpe_index(table, index)
+    assert out.shape == (B, H, Lq, Lk)
+    torch.testing.assert_close(out, ref_rpe_index(table, index), rtol=0, atol=0)
+    values = randn(B, H, Lq, Lk, device=device)
+    summed = rpe_ops.rpe_bucket_sum(values, index, nb)
+    assert summed.shape == (B, H, Lq, nb)
+    assert_bucket_sum_close(summed, ref_rpe_bucket_sum(values, index, nb))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Caller errors (every TORCH_CHECK)
+
+_F, _L = torch.float32, torch.int64
+ERROR_CASES = [
+    # (name, input shape, input dtype, index shape, index dtype, num_buckets or None for rpe_index, message)
+    ("int_input", (1, 2, 3, 4), torch.int32, (3, 5), _L, None, "expected input of dtype float32, float64, float16"),
+    ("float_index", (1, 2, 3, 4), _F, (3, 5), _F, None, "expected index of dtype int64 or int32, got Float"),
+    ("int16_index", (1, 2, 3, 4), _F, (3, 5), torch.int16, 4, "expected index of dtype int64 or int32"),
+    ("3d_input", (2, 3, 4), _F, (3, 5), _L, None, r"expected a 4-D input \(B, H, L_query, ...\), got 3-D"),
+    ("1d_index", (1, 2, 3, 4), _F, (3,), _L, None, r"expected a 2-D index \(L_query, L_key\), got 1-D"),
+    ("lq_mismatch", (1, 2, 3, 4), _F, (4, 5), _L, None, r"expected input.size\(2\) == index.size\(0\)"),
+    ("lq_mismatch_sum", (1, 2, 3, 5), _F, (4, 5), _L, 4, r"expected input.size\(2\) == index.size\(0\)"),
+    ("lk_mismatch_sum", (1, 2, 3, 5), _F, (3, 6), _L, 4, r"expected input.size\(3\) == index.size\(1\)"),
+    ("negative_buckets", (1, 2, 3, 5), _F, (3, 5), _L, -1, "expected num_buckets >= 0, got -1"),
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_argument_errors(case: tuple) -> None:
+    _, shape, dtype, index_shape, index_dtype, nb, message = case
+    inp = torch.zeros(shape, dtype=dtype)
+    index = torch.zeros(index_shape, dtype=index_dtype)
+    with pytest.raises(RuntimeError, match=message):
+        if nb is None:
+            rpe_ops.rpe_index(inp, index)
+        else:
+            rpe_ops.rpe_bucket_sum(inp, index, nb)
+
+
+@needs_ops
+@pytest.mark.parametrize("bad_id", [-1, 4, 2**40])
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_out_of_range_ids_raise(bad_id: int, index_dtype: torch.dtype) -> None:
+    if index_dtype == torch.int32 and bad_id > 2**31:
+        pytest.skip("does not fit in int32")
+    index = torch.zeros(3, 5, dtype=torch.int64)
+    index[1, 2] = bad_id
+    index = index.to(index_dtype)
+    msg = rf"bucket ids must lie in \[0, 4\), got ids from {min(bad_id, 0)} to {max(bad_id, 0)}"
+    with pytest.raises(RuntimeError, match=msg):
+        rpe_ops.rpe_index(torch.zeros(1, 2, 3, 4), index)
+    with pytest.raises(RuntimeError, match=msg):
+        rpe_ops.rpe_bucket_sum(torch.zeros(1, 2, 3, 5), index, 4)
+
+
+@needs_ops
+def test_wrong_device_raises() -> None:
+    """CPU input with an index elsewhere (the meta device stands in for a GPU on CPU-only machines)."""
+    with pytest.raises(RuntimeError, match="expected input and index on the same device"):
+        rpe_ops.rpe_index(torch.zeros(1, 2, 3, 4), torch.zeros(3, 5, dtype=torch.int64, device="meta"))
+    with pytest.raises(RuntimeError, match="expected input and index on the same device"):
+        rpe_ops.rpe_bucket_sum(torch.zeros(1, 2, 3, 5), torch.zeros(3, 5, dtype=torch.int64, device="meta"), 4)
+
+
+@needs_ops
+@pytest.mark.cuda
+def test_wrong_device_raises_cuda() -> None:
+    table, index = torch.zeros(1, 2, 3, 4, device="cuda"), torch.zeros(3, 5, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"expected input and index on the same device, got input on cuda:0"):
+        rpe_ops.rpe_index(table, index)
+    with pytest.raises(RuntimeError, match=r"expected input and index on the same device, got input on cpu"):
+        rpe_ops.rpe_bucket_sum(torch.zeros(1, 2, 3, 5), index.cuda(), 4)
+
+
+@needs_ops
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["rpe_index", "rpe_bucket_sum"])
+def test_out_of_range_ids_raise_cuda(op: str) -> None:
+    """On CUDA the ids are checked on the device: a device-side assert, run in a child process (it ends the context)."""
+    script = textwrap.dedent(
+        f"""
+        import torch, rpe_ops
+        index = torch.zeros(3, 5, dtype=torch.int64, device="cuda")
+        index[1, 2] = 4
+        if "{op}" == "rpe_index":
+            out = rpe_ops.rpe_index(torch.zeros(1, 2, 3, 4, device="cuda"), index)
+        else:
+            out = rpe_ops.rpe_bucket_sum(torch.zeros(1, 2, 3, 5, device="cuda"), index, 4)
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as exc:
+            print("RAISED", exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert "RAISED" in proc.stdout and "device-side assert" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torch.library / autograd / compile
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    index = make_index(5, 7, 4, device)
+    for requires_grad in (False, True):
+        table = randn(2, 3, 5, 4, device=device).requires_grad_(requires_grad)
+        values = randn(2, 3, 5, 7, device=device).requires_grad_(requires_grad)
+        torch.library.opcheck(torch.ops.rpe_ops.rpe_index.default, (table, index))
+        torch.library.opcheck(torch.ops.rpe_ops.rpe_bucket_sum.default, (values, index, 4))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_and_gradgradcheck(device: str) -> None:
+    nb = 4
+    index = make_index(5, 6, nb, device)
+    table = randn(2, 2, 5, nb, dtype=torch.float64, device=device).requires_grad_()
+    values = randn(2, 2, 5, 6, dtype=torch.float64, device=device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: rpe_ops.rpe_index(t, index), (table,))
+    assert torch.autograd.gradgradcheck(lambda t: rpe_ops.rpe_index(t, index), (table,))
+    assert torch.autograd.gradcheck(lambda v: rpe_ops.rpe_bucket_sum(v, index, nb), (values,))
+    assert torch.autograd.gradgradcheck(lambda v: rpe_ops.rpe_bucket_sum(v, index, nb), (values,))
+
+
+class TinyRPEAttention(nn.Module):
+    """Contextual RPE on keys (rpe_index) and on values (rpe_bucket_sum), as irpe uses them."""
+
+    def __init__(self, index: torch.Tensor, num_buckets: int, heads: int = 2, dim: int = 8) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.register_buffer("index", index, persistent=False)
+        self.w_k = nn.Parameter(torch.randn(heads, dim, num_buckets) * 0.1)
+        self.w_v = nn.Parameter(torch.randn(heads, num_buckets, dim) * 0.1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        attn = q @ k.transpose(-2, -1) + rpe_ops.rpe_index(q @ self.w_k, self.index)
+        attn = attn.softmax(dim=-1)
+        return attn @ v + rpe_ops.rpe_bucket_sum(attn, self.index, self.num_buckets) @ self.w_v
+
+
+def _compile_check(backend: str) -> None:
+    torch.manual_seed(0)
+    L, nb = 10, 6
+    module = TinyRPEAttention(make_index(L, L, nb, "cpu"), nb)
+    q, k, v = (torch.randn(3, 2, L, 8, requires_grad=True) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend=backend)
+    out_eager, out_compiled = module(q, k, v), compiled(q, k, v)
+    torch.testing.assert_close(out_compiled, out_eager)
+    params = (q, k, v, module.w_k, module.w_v)
+    grads_eager = torch.autograd.grad(out_eager.square().sum(), params)
+    grads_compiled = torch.autograd.grad(out_compiled.square().sum(), params)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ops
+def test_torch_compile_fullgraph() -> None:
+    _compile_check("aot_eager")
+
+
+@needs_ops
+@pytest.mark.slow
+def test_torch_compile_fullgraph_inductor() -> None:
+    _compile_check("inductor")
