@@ -49,20 +49,16 @@ from timm.optim import create_optimizer
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV2
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+import models  # noqa: F401  (registers the DeiT baselines)
+import rpe_models  # noqa: F401  (registers the iRPE models in timm's registry)
 import utils
 from datasets import DATA_SETS, build_dataset
 from engine import evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
 from samplers import RASampler, ShardedEvalSampler
 from utils import TrainingError, UserError
-
-try:  # registers the iRPE models and DeiT baselines in timm's registry
-    import models  # noqa: F401
-    import rpe_models  # noqa: F401
-except ImportError:  # pragma: no cover - until the model files land
-    pass
 
 AMP_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -328,11 +324,13 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         kwargs["attn_impl"] = args.attn_impl
     try:
         model = timm.create_model(args.model, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         if "attn_impl" in str(e):
-            raise UserError(f"model {args.model} does not accept --attn-impl {args.attn_impl}") from None
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
+            raise UserError(f"model {args.model} does not support --attn-impl {args.attn_impl}: {e}") from None
+        if not args.pretrained:
+            raise
+        raise UserError(f"cannot load pretrained weights of {args.model}: {type(e).__name__}: {e}") from None
+    except (OSError, RuntimeError) as e:
         if not args.pretrained:
             raise
         raise UserError(f"cannot load pretrained weights of {args.model}: {type(e).__name__}: {e}") from None
@@ -437,9 +435,8 @@ def build_loaders(args: argparse.Namespace, dataset_train: Any, dataset_val: Any
             ShardedEvalSampler(dataset_val, world, rank) if args.dist_eval else SequentialSampler(dataset_val)
         )
     else:
-        g = torch.Generator()
-        g.manual_seed(args.seed)
-        sampler_train = RandomSampler(dataset_train, generator=g)
+        # A one-replica DistributedSampler: an epoch-seeded shuffle, so a resumed run sees the same order.
+        sampler_train = DistributedSampler(dataset_train, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
         sampler_val = SequentialSampler(dataset_val)
     pin = bool(args.pin_mem) and torch.cuda.is_available() and str(args.device).startswith("cuda")
     common = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)

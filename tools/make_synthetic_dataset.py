@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     extra = " (+ train.tar, val.tar)" if args.tar else ""
-    print(f"wrote {counts['train']} train / {counts['val']} val images, {args.num_classes} classes to {args.out}{extra}")
+    print(f"wrote {counts['train']} train / {counts['val']} val images, {args.num_classes} classes", end="")
+    print(f" to {args.out}{extra}")
     return 0
 
 
