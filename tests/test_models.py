@@ -1,0 +1,213 @@
+"""The registered iRPE models, the DeiT baselines and the VisionTransformer itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.layers import DropPath
+
+import irpe
+import models
+import rpe_models
+from rpe_vision_transformer import DistilledVisionTransformer, RPEAttention, VisionTransformer
+
+REFERENCE_PARAMS = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "params.txt"
+# Total parameters of the nine models at 224 with 1000 classes (the original's counts, reference/params.txt).
+PARAMS = {
+    "deit_tiny_patch16_224_ctx_product_50_shared_k": 5755816,
+    "deit_small_patch16_224_ctx_euc_20_shared_k": 22113640,
+    "deit_small_patch16_224_ctx_quant_51_shared_k": 22153576,
+    "deit_small_patch16_224_ctx_cross_56_shared_k": 22176616,
+    "deit_small_patch16_224_ctx_product_50_shared_k": 22089064,
+    "deit_small_patch16_224_ctx_product_50_shared_qk": 22127464,
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": 22165864,
+    "deit_base_patch16_224_ctx_product_50_shared_k": 86606056,
+    "deit_base_patch16_224_ctx_product_50_shared_qkv": 86682856,
+    "deit_tiny_patch16_224": 5717416,
+    "deit_small_patch16_224": 22050664,
+    "deit_base_patch16_224": 86567656,
+}
+IRPE_NAMES = list(rpe_models.MODEL_ZOO)
+BASELINE_NAMES = list(models.BASELINES)
+SMALL_CFG = {"ratio": 1.9, "method": "product", "mode": "ctx", "shared_head": True, "skip": 1, "rpe_on": "qkv"}
+
+
+def _small_model(**kwargs) -> VisionTransformer:
+    """A two-block iRPE model that runs in milliseconds."""
+    args = {"img_size": 32, "patch_size": 8, "num_classes": 5, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    args.setdefault("rpe_config", irpe.get_rpe_config(**SMALL_CFG))
+    args.update(kwargs)
+    return VisionTransformer(qkv_bias=True, **args)
+
+
+def _fill_tables(model: torch.nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lookup_table" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def test_params_reference_table_is_ours() -> None:
+    if not REFERENCE_PARAMS.is_file():
+        pytest.skip("../shared/reference is absent")
+    for line in REFERENCE_PARAMS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, total = line.split("\t")[:2]
+            name = name.split(" ")[0].removeprefix("timm:")
+            assert PARAMS[name] == int(total), name
+
+
+@pytest.mark.parametrize(
+    "name", IRPE_NAMES + ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+)
+def test_param_count(name: str) -> None:
+    with torch.device("meta"):
+        model = timm.create_model(name) if name in IRPE_NAMES else getattr(models, name)()
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+def test_registered_with_timm() -> None:
+    assert set(timm.list_models("deit_*_ctx_*")) == set(IRPE_NAMES)
+    # timm's own DeiT names are left alone (models.py registers nothing)
+    assert timm.models.get_pretrained_cfg("deit_tiny_patch16_224") is not None
+    assert timm.models.model_entrypoint("deit_tiny_patch16_224").__module__.startswith("timm.")
+
+
+@pytest.mark.parametrize("name", IRPE_NAMES + BASELINE_NAMES)
+def test_build_forward_backward(name: str) -> None:
+    """Each model at a 32x32 input (2x2 grid): a training step reaches every parameter."""
+    torch.manual_seed(0)
+    if name in IRPE_NAMES:
+        model = timm.create_model(name, img_size=32, num_classes=3, drop_path_rate=0.1)
+    else:
+        model = getattr(models, name)(img_size=32, num_classes=3, drop_path_rate=0.1)
+    drop_paths = [m for m in model.modules() if isinstance(m, DropPath)]
+    assert [m.drop_prob for m in drop_paths][-1] == pytest.approx(0.1)  # drop_path_rate reached the blocks
+    for m in drop_paths:
+        m.drop_prob = 0.0  # a dropped branch would get no gradient: keep the step deterministic
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    outs = out if isinstance(out, tuple) else (out,)
+    assert len(outs) == (2 if models.BASELINES.get(name, None) and models.BASELINES[name].distilled else 1)
+    assert all(o.shape == (2, 3) for o in outs)
+    sum(o.square().sum() for o in outs).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", IRPE_NAMES)
+def test_zero_tables_equal_plain_deit(name: str) -> None:
+    """Lookup tables start at zero, so a fresh iRPE model computes exactly its plain DeiT."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, num_classes=4).eval()
+    tables = {n: p for n, p in model.named_parameters() if "lookup_table" in n}
+    assert tables and all(not p.any() for p in tables.values())
+    plain = models.create_deit(rpe_models.MODEL_ZOO[name].size, img_size=32, num_classes=4).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in tables}, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=1e-6)
+        _fill_tables(model)
+        assert (model(x) - plain(x)).abs().max() > 1e-3  # and the tables do act once trained
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_baseline_equals_timm_deit(name: str) -> None:
+    """Our baseline takes timm's DeiT state dict (same layout as the DeiT release) strictly and agrees with it."""
+    torch.manual_seed(0)
+    theirs = timm.create_model(name, img_size=32, num_classes=6).eval()
+    ours = getattr(models, name)(img_size=32, num_classes=6).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_distilled_train_and_eval_outputs() -> None:
+    model = DistilledVisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=1, num_heads=2)
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    x = torch.randn(2, 3, 32, 32)
+    logits, logits_dist = model.train()(x)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), (logits + logits_dist).detach() / 2)
+    with pytest.raises(ValueError, match="always distilled"):
+        DistilledVisionTransformer(distilled=False)
+
+
+def test_no_weight_decay_and_classifier_reset() -> None:
+    model = _small_model()
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+
+
+def test_non_square_image() -> None:
+    """A 64x48 image is an 8x6 grid: the iRPE bucket ids follow it (not a guessed square)."""
+    torch.manual_seed(0)
+    model = _small_model(img_size=(64, 48)).eval()
+    assert model.patch_grid == (8, 6) and model.pos_embed.shape == (1, 1 + 48, 32)
+    _fill_tables(model)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 5)
+        # the same tokens on the transposed grid give other encodings: the grid is really used
+        tokens = torch.randn(2, 1 + 48, 32)
+        attn = model.blocks[0].attn
+        assert not torch.allclose(attn(tokens, height=8, width=6), attn(tokens, height=6, width=8))
+    with pytest.raises(ValueError, match="patch grid"):
+        attn(tokens, height=7, width=7)  # 49 tokens would leave no class token: an error, not a guess
+
+
+def test_other_resolution_resamples_pos_embed() -> None:
+    torch.manual_seed(0)
+    model = _small_model().eval()
+    _fill_tables(model)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 48, 40)).shape == (2, 5)  # 6x5 grid, pos_embed resampled from 4x4
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(model(x), model(x))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+def test_user_errors() -> None:
+    with pytest.raises(ValueError, match="skip"):
+        _small_model(rpe_config=irpe.get_rpe_config(**{**SMALL_CFG, "skip": 0}))
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        RPEAttention(dim=10, num_heads=3)
+    with pytest.raises(ValueError, match="attn_impl"):
+        RPEAttention(dim=8, num_heads=2, attn_impl="flash")
+    with pytest.raises(ValueError, match="rpe_config"):
+        rpe_models.create_irpe_deit(IRPE_NAMES[0], rpe_config=None)
+    with pytest.raises(ValueError, match="unknown DeiT size"):
+        models.create_deit("huge")
+
+
+def test_state_dict_has_no_bucket_caches() -> None:
+    model = _small_model()
+    model(torch.randn(1, 3, 32, 32))
+    assert all("lookup_table" in k or "rpe" not in k for k in model.state_dict())
+
+
+def test_compile_matches_eager() -> None:
+    torch.manual_seed(0)
+    model = _small_model(depth=1).eval()
+    _fill_tables(model)
+    x = torch.randn(2, 3, 32, 32)
+    start = time.perf_counter()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert time.perf_counter() - start < 120
