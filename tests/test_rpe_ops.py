@@ -362,7 +362,7 @@ class TinyRPEAttention(nn.Module):
         return attn @ v + rpe_ops.rpe_bucket_sum(attn, self.index, self.num_buckets) @ self.w_v
 
 
-def _compile_check(backend: str) -> None:
+def _compile_check(backend: str, tol: float) -> None:
     torch.manual_seed(0)
     L, nb = 10, 6
     module = TinyRPEAttention(make_index(L, L, nb, "cpu"), nb)
@@ -370,20 +370,20 @@ def _compile_check(backend: str) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True, backend=backend)
     out_eager, out_compiled = module(q, k, v), compiled(q, k, v)
-    torch.testing.assert_close(out_compiled, out_eager)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=tol, atol=tol)
     params = (q, k, v, module.w_k, module.w_v)
     grads_eager = torch.autograd.grad(out_eager.square().sum(), params)
     grads_compiled = torch.autograd.grad(out_compiled.square().sum(), params)
     for a, b in zip(grads_compiled, grads_eager):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @needs_ops
 def test_torch_compile_fullgraph() -> None:
-    _compile_check("aot_eager")
+    _compile_check("aot_eager", tol=1e-6)
 
 
 @needs_ops
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor() -> None:
-    _compile_check("inductor")
+    _compile_check("inductor", tol=1e-4)  # inductor fuses the softmax: float32 rounding differs
