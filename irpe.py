@@ -49,8 +49,10 @@ __all__ = [
     "iRPE_Cross",
     "piecewise_index",
     "quantize_values",
+    "rpe_attention",
     "rpe_bucket_sum",
     "rpe_index",
+    "resolve_attn_impl",
     "set_backend",
 ]
 
@@ -658,8 +660,22 @@ class iRPE(nn.Module):
             raise ValueError(f"the values encoding takes attention (B, H, L, L), got {tuple(x.shape)}")
         index = self.get_bucket_ids(height, width, skip, x.device)  # (L, L)
         if self.transposed:
-            return self._forward_transposed(x, index)
-        return self._forward_values(x, index)
+            return rpe_index(self.lookup_table(x), index)  # (B, H, L, L); bias: (1, Hm, L, L)
+        # sum_j attn[i, j] * W[index[i, j]] = (bucket sums of attn) @ W: (B, H, L, nb) @ (Hm, nb, d) -> (B, H, L, d)
+        return torch.matmul(rpe_bucket_sum(x, index, self.num_buckets), self.lookup_table_weight)
+
+    def bias_terms(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The encoding of a q/k module as ``[(table, index)]``, with ``forward(x) == rpe_index(table, index)``.
+
+        Fused attention paths (:func:`rpe_attention`) take these small ``(B, H, L, num_buckets)`` tables instead of
+        the ``(B, H, L, L)`` encoding.
+        """
+        if not self.transposed:
+            raise ValueError("bias_terms() is for encodings on queries or keys; the values encoding has none")
+        height, width, skip = self.resolve_grid(x.size(2), height, width)
+        return [(self.lookup_table(x), self.get_bucket_ids(height, width, skip, x.device))]
 
     def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
@@ -667,14 +683,6 @@ class iRPE(nn.Module):
             L = x.size(2)
             return self.lookup_table_bias.view(1, self.num_heads, 1, self.num_buckets).expand(1, -1, L, -1)
         return torch.matmul(x, self.lookup_table_weight)  # (B, H, L, d) @ (Hm, d, nb) -> (B, H, L, nb)
-
-    def _forward_transposed(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return rpe_index(self.lookup_table(x), index)  # (B, H, L, L); bias: (1, Hm, L, L)
-
-    def _forward_values(self, attn: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # sum_j attn[i, j] * W[index[i, j]] = (bucket sums of attn) @ W: (B, H, L, nb) @ (Hm, nb, d) -> (B, H, L, d)
-        sums = rpe_bucket_sum(attn, index, self.num_buckets)
-        return torch.matmul(sums, self.lookup_table_weight)
 
 
 class iRPE_Cross(nn.Module):
@@ -694,6 +702,12 @@ class iRPE_Cross(nn.Module):
     def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Sum of the row and the column encodings; shapes as :class:`iRPE`."""
         return self.rp_rows(x, height=height, width=width) + self.rp_cols(x, height=height, width=width)
+
+    def bias_terms(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(table, index)]`` of the row and the column encodings; see :meth:`iRPE.bias_terms`."""
+        return self.rp_rows.bias_terms(x, height, width) + self.rp_cols.bias_terms(x, height, width)
 
 
 def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[iRPE | iRPE_Cross | None]:
@@ -729,6 +743,181 @@ def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[
 
 # The default choice; an unusable IRPE_BACKEND=ops is reported by `python -m irpe` and raised at the first lookup.
 _backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention with iRPE: the paper's formulation and fused, memory-efficient paths.
+# ----------------------------------------------------------------------------------------------------------------
+
+ATTN_IMPLS = ("auto", "math", "sdpa", "flex")
+BiasTerms = list[tuple[torch.Tensor, torch.Tensor]]  # [(table (B|1, H|1, L, nb), index (L, L))]
+
+
+def _attention_bias(key_terms: BiasTerms, query_terms: BiasTerms) -> torch.Tensor:
+    """The additive logit bias ``(B|1, H|1, L, L)``: key terms as looked up, query terms transposed."""
+    parts = [rpe_index(table, index) for table, index in key_terms]
+    parts += [rpe_index(table, index).transpose(2, 3) for table, index in query_terms]
+    bias = parts[0]
+    for part in parts[1:]:
+        bias = bias + part
+    return bias
+
+
+class _RPEBiasAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + bias) @ v`` with ``bias`` looked up from small per-row tables.
+
+    The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask; only
+    ``q, k, v``, the output and the ``(B, H, L, num_buckets)`` tables are kept for backward, which recomputes the
+    probabilities (as flash attention does) and returns the tables' gradients as bucket sums of the logits'
+    gradient. No ``(B, H, L, L)`` tensor lives from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, num_key_terms: int, *tables_and_indices):
+        tables, indices = tables_and_indices[0::2], tables_and_indices[1::2]
+        terms = list(zip(tables, indices))
+        with torch.autocast(q.device.type, enabled=False):
+            bias = _attention_bias(terms[:num_key_terms], terms[num_key_terms:]).to(q.dtype)
+            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, *tables, *indices)
+        ctx.scale, ctx.num_key_terms, ctx.num_terms = scale, num_key_terms, len(tables)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, *saved = ctx.saved_tensors
+        tables, indices = saved[: ctx.num_terms], saved[ctx.num_terms :]
+        n_key = ctx.num_key_terms
+        terms = list(zip(tables, indices))
+        # Half types: recompute in float32 (softmax and its backward are sensitive), return the input dtype.
+        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qw, kw, vw, ow, gw = (t.to(work) for t in (q, k, v, out, grad_out))
+        with torch.autocast(q.device.type, enabled=False):
+            bias = _attention_bias(terms[:n_key], terms[n_key:]).to(work)
+            probs = torch.softmax(torch.matmul(qw, kw.transpose(-2, -1)).mul_(ctx.scale).add_(bias), dim=-1)
+            del bias
+            grad_v = torch.matmul(probs.transpose(-2, -1), gw)  # (B, H, L, d)
+            delta = (gw * ow).sum(-1, keepdim=True)  # (B, H, L, 1): rowsum(P * dP)
+            grad_logits = torch.matmul(gw, vw.transpose(-2, -1)).sub_(delta).mul_(probs)  # (B, H, L, L)
+            del probs
+            grad_q = torch.matmul(grad_logits, kw).mul_(ctx.scale)
+            grad_k = torch.matmul(grad_logits.transpose(-2, -1), qw).mul_(ctx.scale)
+            grad_tables = []
+            for i, (table, index) in enumerate(terms):
+                g = grad_logits if i < n_key else grad_logits.transpose(2, 3)
+                g = g.sum_to_size(*table.shape[:2], *g.shape[2:])  # bias tables broadcast over batch/heads
+                grad_tables.append(rpe_bucket_sum(g, index, table.size(3)).to(table.dtype))
+        grads_of_terms = [grad for table_grad in grad_tables for grad in (table_grad, None)]
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, *grads_of_terms
+
+
+def _flex_attention_fn(device: torch.device):
+    """FlexAttention, compiled once per process on CUDA (it is only fast compiled); eager elsewhere."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+    except ImportError as err:  # pragma: no cover - torch < 2.5
+        raise ValueError(f"attn_impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5): {err}") from None
+    if device.type != "cuda":
+        return flex_attention
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+_compiled_flex = None
+
+
+def _flex_rpe_attention(q, k, v, scale: float, key_terms: BiasTerms, query_terms: BiasTerms) -> torch.Tensor:
+    """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]``: no ``L x L`` bias ever exists."""
+
+    def pick(table: torch.Tensor, b, h):
+        return table[b if table.size(0) > 1 else 0, h if table.size(1) > 1 else 0]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for table, index in key_terms:
+            score = score + pick(table, b, h)[q_idx, index[q_idx, kv_idx]]
+        for table, index in query_terms:
+            score = score + pick(table, b, h)[kv_idx, index[kv_idx, q_idx]]
+        return score
+
+    return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
+
+
+def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float) -> str:
+    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'`` or ``'flex'``.
+
+    ``'auto'`` takes ``'sdpa'`` (fused forward, nothing ``L x L`` kept for backward) whenever it is exact. An
+    encoding on values needs the attention probabilities, and attention dropout needs its mask in backward: both
+    run the paper's explicit formulation (``'math'``) whatever was asked.
+    """
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
+    if impl == "math" or has_rpe_v or dropout_p > 0:
+        return "math"
+    return "sdpa" if impl == "auto" else impl
+
+
+def rpe_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpe_q: iRPE | iRPE_Cross | None = None,
+    rpe_k: iRPE | iRPE_Cross | None = None,
+    rpe_v: iRPE | iRPE_Cross | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention with iRPE, in the order of the paper.
+
+    ``attn = (q * scale) @ k^T + rpe_k(q * scale) + rpe_q(k * scale)^T``, softmax, dropout, ``out = attn @ v +
+    rpe_v(attn)``. Every implementation computes the same function (up to float rounding); see
+    :func:`resolve_attn_impl` for which one runs.
+
+    Args:
+        q, k, v: ``(B, H, L, head_dim)``, not scaled.
+        rpe_q, rpe_k, rpe_v: the modules from :func:`build_rpe` (``None`` where unused).
+        height, width: the patch grid; ``L - height * width`` leading tokens are the configured skip tokens.
+        scale: logit scale, ``head_dim ** -0.5`` by default.
+        dropout_p: attention dropout probability (pass 0 in eval mode).
+        impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward) or
+            ``'flex'`` (FlexAttention with a ``score_mod``; compiled on CUDA).
+
+    Returns:
+        ``(B, H, L, head_dim)``.
+    """
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p)
+    if path == "math":
+        q = q * scale
+        attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, L)
+        if rpe_k is not None:
+            attn = attn + rpe_k(q, height, width)
+        if rpe_q is not None:
+            attn = attn + rpe_q(k * scale, height, width).transpose(2, 3)
+        attn = nn.functional.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+        out = torch.matmul(attn, v)
+        if rpe_v is not None:
+            out = out + rpe_v(attn, height, width)
+        return out
+    if rpe_q is None and rpe_k is None:
+        return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    key_terms = rpe_k.bias_terms(q * scale, height, width) if rpe_k is not None else []
+    query_terms = rpe_q.bias_terms(k * scale, height, width) if rpe_q is not None else []
+    if path == "flex":
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError(
+                "attn_impl='flex': FlexAttention has no backward on CPU in PyTorch; train with attn_impl='sdpa' "
+                "(or 'auto') on CPU, or run flex on CUDA"
+            )
+        return _flex_rpe_attention(q, k, v, scale, key_terms, query_terms)
+    flat = [tensor for term in key_terms + query_terms for tensor in term]
+    return _RPEBiasAttention.apply(q, k, v, scale, len(key_terms), *flat)
 
 
 if __name__ == "__main__":
