@@ -1,0 +1,286 @@
+"""Model-level speed and memory of iRPE DeiT models, side by side with timm's plain DeiT of the same size.
+
+For each iRPE model and attention implementation, the script interleaves one step of the iRPE model with one step of
+timm's ``VisionTransformer`` (fused ``scaled_dot_product_attention``) in the same process, repeats, and reports the
+median of the per-pair time ratios: pairs taken back to back see the same machine load, which matters on shared
+machines. A train step is ``zero_grad + forward + cross-entropy + backward + AdamW step``; inference is a forward
+pass under ``torch.inference_mode``. Peak memory is the peak over one train step above the memory in use just
+before it (CPU: the process's peak resident set, reset through ``/proc/self/clear_refs``; CUDA: the allocator's
+peak), i.e. activations, gradients and temporaries.
+
+Examples:
+    python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
+    python tools/benchmark.py --impls math sdpa --steps 5       # compare attention paths
+    python tools/benchmark.py --device cuda --amp-dtype bfloat16 --batch-size 128 --impls auto flex
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+
+import rpe_models  # noqa: E402, F401  (registers the iRPE models)
+
+# iRPE model -> (target train-time ratio, target memory ratio, target inference ratio) on CPU; None: no target.
+CPU_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
+    "deit_small_patch16_224_ctx_product_50_shared_k": (1.05, 1.10, 1.05),
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1.20, None, None),
+}
+CUDA_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
+    # training throughput >= 0.90x means step time <= 1/0.90 = 1.11x
+    "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.90, 1.10, None),
+}
+PLAIN_FOR_SIZE = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
+
+
+@dataclass
+class Result:
+    """Measurements of one iRPE model with one attention implementation against its plain baseline."""
+
+    model: str
+    attn_impl: str
+    baseline: str
+    train_ms: float
+    baseline_train_ms: float
+    train_ratio: float
+    infer_ms: float
+    baseline_infer_ms: float
+    infer_ratio: float
+    peak_mib: float
+    baseline_peak_mib: float
+    memory_ratio: float
+    train_img_s: float = 0.0
+    baseline_train_img_s: float = 0.0
+    targets: dict[str, float | None] = field(default_factory=dict)
+
+
+def _rss_kib(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started, in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+            self._start = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _rss_kib("VmHWM") * 1024
+        self.peak_mib = (peak - self._start) / 2**20
+
+
+class Runner:
+    """One model with its optimizer and a fixed batch; times train steps and inference passes."""
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.device = device
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4, weight_decay=0.05)
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=generator).to(device)
+        self.targets = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
+        self.amp_dtype = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def train_step(self) -> float:
+        self.model.train()
+        self._sync()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(self.images), self.targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._sync()
+        return time.perf_counter() - start
+
+    @torch.inference_mode()
+    def infer(self) -> float:
+        self.model.eval()
+        self._sync()
+        start = time.perf_counter()
+        with self._autocast():
+            self.model(self.images)
+        self._sync()
+        return time.perf_counter() - start
+
+    def peak_train_mib(self) -> float:
+        with PeakMemory(self.device) as peak:
+            self.train_step()
+        return peak.peak_mib
+
+
+def _plain_name(model_name: str) -> str:
+    size = model_name.split("_")[1]
+    if size not in PLAIN_FOR_SIZE:
+        raise ValueError(f"cannot tell the DeiT size of {model_name!r}; expected deit_{{tiny,small,base}}_...")
+    return PLAIN_FOR_SIZE[size]
+
+
+def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> Result:
+    """Interleave train steps and inference passes of an iRPE model and its plain DeiT; median per-pair ratios."""
+    baseline_name = _plain_name(model_name)
+    torch.manual_seed(0)
+    ours = Runner(timm.create_model(model_name, img_size=args.input_size, attn_impl=impl), args, device)
+    plain = Runner(timm.create_model(baseline_name, img_size=args.input_size), args, device)
+    for _ in range(args.warmup):
+        for runner in (ours, plain):
+            runner.train_step()
+            runner.infer()
+    train = {"ours": [], "plain": []}
+    infer = {"ours": [], "plain": []}
+    for step in range(args.steps):
+        pair = (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
+        for key, runner in pair:
+            train[key].append(runner.train_step())
+        for key, runner in pair:
+            infer[key].append(runner.infer())
+    peaks = {"ours": [], "plain": []}
+    for _ in range(args.memory_repeats):
+        for key, runner in (("ours", ours), ("plain", plain)):
+            peaks[key].append(runner.peak_train_mib())
+    train_ratio = statistics.median(a / b for a, b in zip(train["ours"], train["plain"]))
+    infer_ratio = statistics.median(a / b for a, b in zip(infer["ours"], infer["plain"]))
+    peak_ours, peak_plain = min(peaks["ours"]), min(peaks["plain"])
+    targets = (CUDA_TARGETS if device.type == "cuda" else CPU_TARGETS).get(model_name, (None, None, None))
+    train_ms, plain_train_ms = statistics.median(train["ours"]) * 1e3, statistics.median(train["plain"]) * 1e3
+    return Result(
+        model=model_name,
+        attn_impl=impl,
+        baseline=baseline_name,
+        train_ms=train_ms,
+        baseline_train_ms=plain_train_ms,
+        train_ratio=train_ratio,
+        infer_ms=statistics.median(infer["ours"]) * 1e3,
+        baseline_infer_ms=statistics.median(infer["plain"]) * 1e3,
+        infer_ratio=infer_ratio,
+        peak_mib=peak_ours,
+        baseline_peak_mib=peak_plain,
+        memory_ratio=peak_ours / peak_plain if peak_plain > 0 else float("nan"),
+        train_img_s=args.batch_size / train_ms * 1e3,
+        baseline_train_img_s=args.batch_size / plain_train_ms * 1e3,
+        targets=dict(zip(("train_ratio", "memory_ratio", "infer_ratio"), targets)),
+    )
+
+
+def _verdict(value: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f" (<= {target:.2f}: {'MET' if value <= target else 'NOT MET'})"
+
+
+def format_table(results: list[Result]) -> str:
+    """Markdown table of the results, with a line per target."""
+    lines = [
+        "| model | attn | train ms | plain train ms | train ratio | img/s | infer ms | infer ratio "
+        "| peak MiB | plain peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.attn_impl} | {r.train_ms:.0f} | {r.baseline_train_ms:.0f} | {r.train_ratio:.3f} "
+            f"| {r.train_img_s:.1f} | {r.infer_ms:.0f} | {r.infer_ratio:.3f} | {r.peak_mib:.0f} "
+            f"| {r.baseline_peak_mib:.0f} | {r.memory_ratio:.3f} |"
+        )
+    lines.append("")
+    for r in results:
+        t = r.targets
+        if any(v is not None for v in t.values()):
+            lines.append(
+                f"- {r.model} [{r.attn_impl}]: train {r.train_ratio:.3f}x{_verdict(r.train_ratio, t['train_ratio'])}, "
+                f"memory {r.memory_ratio:.3f}x{_verdict(r.memory_ratio, t['memory_ratio'])}, "
+                f"inference {r.infer_ratio:.3f}x{_verdict(r.infer_ratio, t['infer_ratio'])}"
+            )
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(CPU_TARGETS),
+        help="iRPE models to measure (each against timm's plain DeiT of its size)",
+    )
+    parser.add_argument("--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--amp-dtype", choices=["none", "float16", "bfloat16"], default="none")
+    parser.add_argument("--steps", type=int, default=10, help="measured (interleaved) steps per model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-repeats", type=int, default=2, help="peak memory: the minimum of this many steps")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    results = []
+    for model_name in args.models:
+        for impl in args.impls:
+            result = measure(model_name, impl, args, device)
+            results.append(result)
+            if not args.json:
+                print(f"measured {model_name} [{impl}]: train {result.train_ratio:.3f}x", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+        print(
+            f"# {where}; batch {args.batch_size}, {args.input_size}px, AMP {args.amp_dtype}; torch {torch.__version__}, "
+            f"timm {timm.__version__}; median of {args.steps} interleaved steps"
+        )
+        print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
