@@ -259,3 +259,19 @@ def test_plot_logs_writes_png(tmp_path):
 
     assert plot_main([str(logs[0]), "--out", str(tmp_path / "c2.png")]) == 0 and (tmp_path / "c2.png").is_file()
     assert plot_main([str(logs[0]), "--out", str(tmp_path / "c3.png"), "--labels", "x", "y"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run_with_submitit.py
+
+
+def test_submitit_launcher_reuses_the_parser_and_explains_missing_submitit(capsys):
+    import importlib.util
+
+    import run_with_submitit
+
+    a = run_with_submitit.parse_args(["--nodes", "1", "--ngpus", "4", "--batch-size", "32", "--model", MODEL])
+    assert a.nodes == 1 and a.ngpus == 4 and a.batch_size == 32 and a.epochs == 300
+    if importlib.util.find_spec("submitit") is None:
+        assert run_with_submitit.cli(["--nodes", "1"]) == 2
+        assert "pip install submitit" in capsys.readouterr().err
