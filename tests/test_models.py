@@ -80,12 +80,13 @@ def test_registered_with_timm() -> None:
 
 @pytest.mark.parametrize("name", IRPE_NAMES + BASELINE_NAMES)
 def test_build_forward_backward(name: str) -> None:
-    """Each model at a 32x32 input (2x2 grid): a training step reaches every parameter."""
+    """Each model at a 32x32 input (2x2 grid), cut to 2 blocks: a training step reaches every parameter.
+
+    The full-size builds are checked on the meta device (test_param_count, test_baselines_match_timm_layout).
+    """
     torch.manual_seed(0)
-    if name in IRPE_NAMES:
-        model = timm.create_model(name, img_size=32, num_classes=3, drop_path_rate=0.1)
-    else:
-        model = getattr(models, name)(img_size=32, num_classes=3, drop_path_rate=0.1)
+    kwargs = {"img_size": 32, "num_classes": 3, "drop_path_rate": 0.1, "depth": 2}
+    model = timm.create_model(name, **kwargs) if name in IRPE_NAMES else getattr(models, name)(**kwargs)
     drop_paths = [m for m in model.modules() if isinstance(m, DropPath)]
     assert [m.drop_prob for m in drop_paths][-1] == pytest.approx(0.1)  # drop_path_rate reached the blocks
     for m in drop_paths:
@@ -107,10 +108,10 @@ def test_build_forward_backward(name: str) -> None:
 def test_zero_tables_equal_plain_deit(name: str) -> None:
     """Lookup tables start at zero, so a fresh iRPE model computes exactly its plain DeiT."""
     torch.manual_seed(0)
-    model = timm.create_model(name, img_size=32, num_classes=4).eval()
+    model = timm.create_model(name, img_size=32, num_classes=4, depth=2).eval()  # 2 blocks: same iRPE, faster
     tables = {n: p for n, p in model.named_parameters() if "lookup_table" in n}
     assert tables and all(not p.any() for p in tables.values())
-    plain = models.create_deit(rpe_models.MODEL_ZOO[name].size, img_size=32, num_classes=4).eval()
+    plain = models.create_deit(rpe_models.MODEL_ZOO[name].size, img_size=32, num_classes=4, depth=2).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in tables}, strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -123,12 +124,22 @@ def test_zero_tables_equal_plain_deit(name: str) -> None:
 def test_baseline_equals_timm_deit(name: str) -> None:
     """Our baseline takes timm's DeiT state dict (same layout as the DeiT release) strictly and agrees with it."""
     torch.manual_seed(0)
-    theirs = timm.create_model(name, img_size=32, num_classes=6).eval()
-    ours = getattr(models, name)(img_size=32, num_classes=6).eval()
+    theirs = timm.create_model(name, img_size=32, num_classes=6, depth=2).eval()
+    ours = getattr(models, name)(img_size=32, num_classes=6, depth=2).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_baselines_match_timm_layout(name: str) -> None:
+    """Full size, on the meta device: the same keys and shapes as timm's DeiT, i.e. as the DeiT release."""
+    with torch.device("meta"):
+        ours = getattr(models, name)().state_dict()
+        theirs = timm.create_model(name).state_dict()
+    assert [(k, v.shape) for k, v in ours.items()] == [(k, theirs[k].shape) for k in ours]
+    assert set(ours) == set(theirs)
 
 
 def test_distilled_train_and_eval_outputs() -> None:
@@ -207,7 +218,7 @@ def test_compile_matches_eager() -> None:
     _fill_tables(model)
     x = torch.randn(2, 3, 32, 32)
     start = time.perf_counter()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)  # no graph break: bucket ids and lookups trace
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     assert time.perf_counter() - start < 120
