@@ -53,7 +53,7 @@ def is_available() -> bool:
 
 def has_cuda_kernels() -> bool:
     """True when the loaded library holds CUDA kernels (it may without a visible GPU)."""
-    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("rpe_ops::rpe_index", "CUDA")
+    return is_available() and bool(_ext.with_cuda)
 
 
 def load_error() -> str | None:
