@@ -44,9 +44,11 @@ def find_cuda_home() -> str | None:
     if nvcc is not None:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
     candidates.append("/usr/local/cuda")
-    for root in candidates:
+    for position, root in enumerate(candidates):
         if root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
             return root
+        if root and position < 2:
+            note(f"{('CUDA_HOME', 'CUDA_PATH')[position]}={root} has no bin/nvcc + include/cuda_runtime.h: ignored")
     return None
 
 
