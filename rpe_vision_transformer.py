@@ -32,10 +32,11 @@ import irpe
 
 __all__ = ["ATTN_IMPLS", "RPEAttention", "RPEBlock", "VisionTransformer", "DistilledVisionTransformer"]
 
-AttnImpl = Literal["math"]
-# Attention implementations RPEAttention can run. 'math' materialises the (B, H, L, L) logits, which the iRPE terms
-# on queries and keys are added to; fused kernels ('sdpa', 'flex') can be added here without touching the callers.
-ATTN_IMPLS: tuple[str, ...] = ("math",)
+AttnImpl = Literal["auto", "math", "sdpa", "flex"]
+# Attention implementations RPEAttention can run (see irpe.rpe_attention): 'math' materialises the (B, H, L, L)
+# probabilities; 'sdpa' runs the fused kernel with the iRPE bias and keeps nothing L x L for backward; 'flex' adds
+# the bias inside FlexAttention; 'auto' takes 'sdpa' where it is exact (no iRPE on values, no attention dropout).
+ATTN_IMPLS: tuple[str, ...] = irpe.ATTN_IMPLS
 
 
 def _uses_rpe(rpe_config: irpe.RPEConfigs | None) -> bool:
@@ -56,7 +57,7 @@ class RPEAttention(nn.Module):
         attn_drop: dropout on the attention probabilities.
         proj_drop: dropout after the output projection.
         rpe_config: from :func:`irpe.get_rpe_config`; ``None`` gives plain attention.
-        attn_impl: attention implementation; only ``'math'`` today (see :data:`ATTN_IMPLS`).
+        attn_impl: attention implementation, one of :data:`ATTN_IMPLS` (see :func:`irpe.rpe_attention`).
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class RPEAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         rpe_config: irpe.RPEConfigs | None = None,
-        attn_impl: AttnImpl = "math",
+        attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
@@ -103,27 +104,22 @@ class RPEAttention(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, d) each
-        out = self._attend_math(q, k, v, height, width)  # (B, H, L, d)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = irpe.rpe_attention(
+            q,
+            k,
+            v,
+            self.rpe_q,
+            self.rpe_k,
+            self.rpe_v,
+            height,
+            width,
+            scale=self.scale,
+            dropout_p=dropout_p,
+            impl=self.attn_impl,
+        )  # (B, H, L, d)
         out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))
-
-    def _attend_math(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int | None, width: int | None
-    ) -> torch.Tensor:
-        """The paper's order: scaled logits, + iRPE on keys, + iRPE on queries, softmax, dropout, + iRPE on values."""
-        q = q * self.scale  # (B, H, L, d); out of place: q is a view of the qkv output
-        attn = q @ k.transpose(-2, -1)  # (B, H, L, L)
-        if self.rpe_k is not None:
-            attn = attn + self.rpe_k(q, height=height, width=width)  # (B, H, L, L) or bias (1, Hm, L, L)
-        if self.rpe_q is not None:
-            # the query encoding is indexed [key, query]: transpose it onto the logits' [query, key] layout
-            attn = attn + self.rpe_q(k * self.scale, height=height, width=width).transpose(2, 3)
-        attn = attn.softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        out = attn @ v  # (B, H, L, d)
-        if self.rpe_v is not None:
-            out = out + self.rpe_v(attn, height=height, width=width)  # (B, H, L, d)
-        return out
 
 
 class RPEBlock(nn.Module):
@@ -157,7 +153,7 @@ class RPEBlock(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         rpe_config: irpe.RPEConfigs | None = None,
-        attn_impl: AttnImpl = "math",
+        attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -237,7 +233,7 @@ class VisionTransformer(nn.Module):
         act_layer: Callable[..., nn.Module] | None = None,
         rpe_config: irpe.RPEConfigs | None = None,
         distilled: bool = False,
-        attn_impl: AttnImpl = "math",
+        attn_impl: AttnImpl = "auto",
     ) -> None:
         super().__init__()
         _check_rpe_skip(rpe_config)

@@ -1,0 +1,70 @@
+"""Every attention implementation of the iRPE models computes the same model: logits and all gradients."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import rpe_models  # noqa: F401  (registers the models)
+import rpe_vision_transformer as rvt
+
+SMALL = dict(img_size=32, depth=2, num_classes=5)
+
+
+def _model(name: str, impl: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, attn_impl=impl, **SMALL, **kwargs).double()
+    with torch.no_grad():  # non-zero tables, so the encodings matter
+        for pname, p in model.named_parameters():
+            if "lookup_table" in pname:
+                p.normal_(std=0.3, generator=torch.Generator().manual_seed(len(pname)))
+    return model
+
+
+def _logits_and_grads(model, images):
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "auto"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deit_tiny_patch16_224_ctx_product_50_shared_k",
+        "deit_small_patch16_224_ctx_product_50_shared_qk",
+        "deit_small_patch16_224_ctx_cross_56_shared_k",
+        "deit_small_patch16_224_ctx_product_50_shared_qkv",
+    ],
+)
+def test_models_agree_across_attention_impls(name, impl):
+    # float64: the paths differ only in rounding, so they must agree to near machine precision.
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_logits, ref_grads = _logits_and_grads(_model(name, "math"), images)
+    logits, grads = _logits_and_grads(_model(name, impl), images)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)
+    assert grads.keys() == ref_grads.keys()
+    # Absolute tolerance from the largest gradient: some tables' gradients are analytically zero (in the last block
+    # only the class token's row matters, and it uses the one extra bucket: a shift softmax ignores).
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for key in grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-8, atol=1e-12 * scale)
+
+
+def test_flex_model_forward_matches_math_on_cpu():
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    name = "deit_small_patch16_224_ctx_product_50_shared_qk"
+    with torch.no_grad():
+        ref = _model(name, "math").eval()(images)
+        out = _model(name, "flex").eval()(images)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_dropout_uses_math_and_unknown_impl_is_an_error():
+    attn = rvt.RPEAttention(16, num_heads=2, attn_drop=0.1, attn_impl="sdpa")
+    assert attn.attn_impl == "sdpa"
+    with pytest.raises(ValueError, match="unknown attn_impl='fused'"):
+        rvt.RPEAttention(16, num_heads=2, attn_impl="fused")
+    assert rvt.ATTN_IMPLS == ("auto", "math", "sdpa", "flex")
