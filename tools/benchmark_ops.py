@@ -318,6 +318,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small batch, few repetitions")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="devices to measure")
+    parser.add_argument("--cases", default=None, help="comma-separated BxH cases, e.g. 64x6,128x12 (default: DeiT-S/B)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 9, quick 3)")
     parser.add_argument(
         "--json", nargs="?", const="-", default=None, metavar="PATH", help="write raw results (- = stdout)"
@@ -332,12 +333,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     phases = ("fwd", "bwd", "fwd+bwd")
     warmup, reps = (1, args.reps or 3) if args.quick else (2, args.reps or 9)
+    custom = [tuple(int(n) for n in case.split("x")) for case in args.cases.split(",")] if args.cases else None
     plans: list[tuple[torch.device, torch.dtype, int, int]] = []
     if args.device in ("all", "cpu"):
-        cpu_cases = [(8, 6)] if args.quick else [(64, 1), (64, 6), (64, 12), (128, 6)]
+        cpu_cases = custom or ([(8, 6)] if args.quick else [(64, 1), (64, 6), (64, 12), (128, 6)])
         plans += [(torch.device("cpu"), torch.float32, B, H) for B, H in cpu_cases]
     if args.device in ("all", "cuda") and torch.cuda.is_available() and rpe_ops.has_cuda_kernels():
-        cuda_cases = [(8, 6)] if args.quick else [(64, 6), (128, 6), (128, 12)]
+        cuda_cases = custom or ([(8, 6)] if args.quick else [(64, 6), (128, 6), (128, 12)])
         plans += [
             (torch.device("cuda"), dtype, B, H)
             for dtype in (torch.float32, torch.float16, torch.bfloat16)
