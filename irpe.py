@@ -665,17 +665,22 @@ class iRPE(nn.Module):
         return torch.matmul(rpe_bucket_sum(x, index, self.num_buckets), self.lookup_table_weight)
 
     def bias_terms(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, scale: float = 1.0
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The encoding of a q/k module as ``[(table, index)]``, with ``forward(x) == rpe_index(table, index)``.
+        """The encoding of ``x * scale`` as ``[(table, index)]``: ``forward(x * scale) == rpe_index(table, index)``.
 
         Fused attention paths (:func:`rpe_attention`) take these small ``(B, H, L, num_buckets)`` tables instead of
-        the ``(B, H, L, L)`` encoding.
+        the ``(B, H, L, L)`` encoding. The scale is applied to the small weight, ``x @ (W * scale)``, so autograd
+        keeps ``x`` itself (which the attention keeps anyway) rather than a scaled copy.
         """
         if not self.transposed:
             raise ValueError("bias_terms() is for encodings on queries or keys; the values encoding has none")
         height, width, skip = self.resolve_grid(x.size(2), height, width)
-        return [(self.lookup_table(x), self.get_bucket_ids(height, width, skip, x.device))]
+        if self.mode == "bias":
+            table = self.lookup_table(x)
+        else:
+            table = torch.matmul(x, self.lookup_table_weight * scale)  # (B, H, L, d) @ (Hm, d, nb) -> (B, H, L, nb)
+        return [(table, self.get_bucket_ids(height, width, skip, x.device))]
 
     def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
@@ -704,10 +709,10 @@ class iRPE_Cross(nn.Module):
         return self.rp_rows(x, height=height, width=width) + self.rp_cols(x, height=height, width=width)
 
     def bias_terms(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, scale: float = 1.0
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(table, index)]`` of the row and the column encodings; see :meth:`iRPE.bias_terms`."""
-        return self.rp_rows.bias_terms(x, height, width) + self.rp_cols.bias_terms(x, height, width)
+        return self.rp_rows.bias_terms(x, height, width, scale) + self.rp_cols.bias_terms(x, height, width, scale)
 
 
 def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[iRPE | iRPE_Cross | None]:
@@ -907,8 +912,8 @@ def rpe_attention(
         return out
     if rpe_q is None and rpe_k is None:
         return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    key_terms = rpe_k.bias_terms(q * scale, height, width) if rpe_k is not None else []
-    query_terms = rpe_q.bias_terms(k * scale, height, width) if rpe_q is not None else []
+    key_terms = rpe_k.bias_terms(q, height, width, scale) if rpe_k is not None else []
+    query_terms = rpe_q.bias_terms(k, height, width, scale) if rpe_q is not None else []
     if path == "flex":
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError(

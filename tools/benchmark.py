@@ -6,7 +6,9 @@ median of the per-pair time ratios: pairs taken back to back see the same machin
 machines. A train step is ``zero_grad + forward + cross-entropy + backward + AdamW step``; inference is a forward
 pass under ``torch.inference_mode``. Peak memory is the peak over one train step above the memory in use just
 before it (CPU: the process's peak resident set, reset through ``/proc/self/clear_refs``; CUDA: the allocator's
-peak), i.e. activations, gradients and temporaries.
+peak), i.e. activations, gradients and temporaries. On CPU the script re-executes itself with a fixed glibc
+``MALLOC_MMAP_THRESHOLD_`` so that every large tensor is mapped on allocation and returned on free: otherwise
+glibc keeps freed memory resident and the resident set stops following what is in use.
 
 Examples:
     python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import statistics
 import sys
@@ -255,9 +258,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
@@ -275,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
         print(
-            f"# {where}; batch {args.batch_size}, {args.input_size}px, AMP {args.amp_dtype}; torch {torch.__version__}, "
-            f"timm {timm.__version__}; median of {args.steps} interleaved steps"
+            f"# {where}; batch {args.batch_size}, {args.input_size}px, AMP {args.amp_dtype}; "
+            f"torch {torch.__version__}, timm {timm.__version__}; median of {args.steps} interleaved steps"
         )
         print(format_table(results))
     return 0
