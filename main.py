@@ -535,6 +535,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"Creating model: {args.model}")
     model = build_model(args, nb_classes)
+    if args.distillation_type != "none" and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)  # timm's distilled DeiT returns (cls, dist) logits in train mode
     if args.finetune and not args.eval:
         if args.distillation_type != "none":
             raise UserError("finetuning with distillation is not supported")

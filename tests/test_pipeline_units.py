@@ -275,3 +275,55 @@ def test_submitit_launcher_reuses_the_parser_and_explains_missing_submitit(capsy
     if importlib.util.find_spec("submitit") is None:
         assert run_with_submitit.cli(["--nodes", "1"]) == 2
         assert "pip install submitit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training paths run in-process: non-finite loss, finetuning, distillation
+
+
+def test_non_finite_loss_exits_1_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    real = main.train_one_epoch
+
+    def nan_in_second_epoch(*args, **kwargs):
+        if args[5] == 1:  # epoch
+            raise utils.TrainingError("loss is nan at epoch 1, step 0: stopping training")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main, "train_one_epoch", nan_in_second_epoch)
+    argv = _base(data, "--epochs", "2", "--output_dir", str(tmp_path), "--aa", "none", "--reprob", "0")
+    assert main.cli(argv) == 1
+    assert "error: loss is nan" in capsys.readouterr().err
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+def test_engine_stops_on_non_finite_loss():
+    import engine
+
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1]))]
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(utils.TrainingError, match="loss is nan"):
+        engine.train_one_epoch(model, criterion, loader, opt, torch.device("cpu"), 0, None)
+
+
+def test_finetune_from_a_checkpoint_of_another_size_and_head(data, tmp_path, capsys):
+    src = timm.create_model(MODEL, img_size=64, num_classes=7)
+    torch.save({"model": src.state_dict()}, tmp_path / "src.pth")
+    argv = _base(data, "--finetune", str(tmp_path / "src.pth"), "--aa", "none", "--reprob", "0", "--mixup", "0",
+                 "--cutmix", "0")  # fmt: skip
+    assert main.cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "Removing key head.weight" in out and "* Acc@1" in out
+
+
+def test_hard_distillation_with_a_teacher(data, tmp_path, capsys):
+    teacher = timm.create_model("resnet10t", num_classes=2, global_pool="avg")
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    argv = _base(data, "--distillation-type", "hard", "--teacher-model", "resnet10t", "--teacher-path",
+                 str(tmp_path / "teacher.pth"), "--aa", "none", "--reprob", "0")[2:]  # fmt: skip
+    assert main.cli(["--model", "deit_tiny_distilled_patch16_224", *argv]) == 0
+    assert "* Acc@1" in capsys.readouterr().out
+    assert "--teacher-path" in _error(capsys, ["--model", "deit_tiny_distilled_patch16_224", *argv[:-6]])
