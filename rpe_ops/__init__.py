@@ -171,4 +171,8 @@ def _register_python_parts() -> None:
 
 _load_extension()
 if _ext is not None:
-    _register_python_parts()
+    try:
+        _register_python_parts()
+    except Exception as exc:  # e.g. a second copy of the package registered them first: keep the import working
+        _ext = None
+        _load_error = f"registering the fake kernels and autograd of rpe_ops failed ({exc}); {BUILD_COMMAND}"
