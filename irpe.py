@@ -505,8 +505,10 @@ def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) 
     if _use_ops(values):
         return torch.ops.rpe_ops.rpe_bucket_sum(values, index, num_buckets)
     B, H, Lq, Lk = values.shape
-    out = values.new_zeros(B, H, Lq, num_buckets)
-    return out.scatter_add(3, index.long().expand(B, H, Lq, Lk), values)
+    # Half types accumulate in float32, as the compiled kernels do: a row sums up to Lk values per bucket.
+    acc = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+    out = values.new_zeros(B, H, Lq, num_buckets, dtype=acc)
+    return out.scatter_add(3, index.long().expand(B, H, Lq, Lk), values.to(acc)).to(values.dtype)
 
 
 def backend_report() -> str:

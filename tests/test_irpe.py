@@ -724,3 +724,19 @@ def test_compile_fullgraph_through_sdpa_attention():
     ref = torch.autograd.grad(step(*qkv).square().sum(), qkv)
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_bucket_sum_accumulates_half_types_in_float32(backend, dtype, device):
+    # 1000 ones into one bucket: accumulating in bfloat16 (as CUDA's scatter_add atomics would) stalls at 256.
+    # Both backends accumulate in float32 and round once.
+    values = torch.ones(1, 1, 1, 1000, dtype=dtype, device=device)
+    index = torch.zeros(1, 1000, dtype=torch.long, device=device)
+    sums = irpe.rpe_bucket_sum(values, index, 2)
+    assert sums.dtype == dtype
+    assert sums[0, 0, 0].tolist() == [1000.0, 0.0]
+    values = torch.full((1, 1, 1, 3000), 1.0 + 2**-7, dtype=dtype, device=device)  # exact in both half types
+    expected = torch.tensor(3000 * (1.0 + 2**-7)).to(dtype)
+    assert irpe.rpe_bucket_sum(values, index.new_zeros(1, 3000), 1).item() == expected.item()
