@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=56, help="generated image side (input is 48)")
     parser.add_argument("--min-acc", type=float, default=50.0, help="fail below this final top-1 (%%)")
     return parser.parse_args(argv)
 
