@@ -628,7 +628,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             test_stats = evaluate(loader_val, run_model, device, amp_dtype, args.print_freq, sync=eval_sync)
             print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-            improved = test_stats["acc1"] > max_accuracy
+            first_best = output_dir is not None and not (output_dir / "best_checkpoint.pth").exists()
+            improved = test_stats["acc1"] > max_accuracy or first_best  # a best checkpoint exists even at 0%
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             print(f"Max accuracy: {max_accuracy:.2f}%")
 
