@@ -327,3 +327,29 @@ def test_hard_distillation_with_a_teacher(data, tmp_path, capsys):
     assert main.cli(["--model", "deit_tiny_distilled_patch16_224", *argv]) == 0
     assert "* Acc@1" in capsys.readouterr().out
     assert "--teacher-path" in _error(capsys, ["--model", "deit_tiny_distilled_patch16_224", *argv[:-6]])
+
+
+def test_eval_resume_from_a_url(data, tmp_path, monkeypatch, capsys):
+    import functools
+    import http.server
+    import threading
+
+    model = timm.create_model(MODEL, img_size=32, num_classes=2)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the server's access log off stderr
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/ckpt.pth"
+        assert main.cli(_base(data, "--eval", "--resume", url)) == 0
+        assert "* Acc@1" in capsys.readouterr().out
+        assert "cannot load checkpoint" in _error(capsys, _base(data, "--eval", "--resume", url + ".missing"))
+    finally:
+        server.shutdown()
+        server.server_close()
