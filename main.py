@@ -184,6 +184,8 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group("distributed")
     g.add_argument("--world_size", default=1, type=int, help="number of processes (set by the launcher)")
     g.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    # torch.distributed.launch without --use_env passes --local-rank; the rank is read from the environment anyway.
+    g.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
