@@ -21,6 +21,7 @@ an equivalent pure-PyTorch path otherwise; ``IRPE_BACKEND=auto|torch|ops`` force
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import numbers
@@ -770,6 +771,14 @@ def _attention_bias(key_terms: BiasTerms, query_terms: BiasTerms) -> torch.Tenso
     return bias
 
 
+def _autocast_disabled(device_type: str):
+    """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
+    exist (the meta device)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _RPEBiasAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + bias) @ v`` with ``bias`` looked up from small per-row tables.
 
@@ -783,7 +792,7 @@ class _RPEBiasAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale: float, num_key_terms: int, *tables_and_indices):
         tables, indices = tables_and_indices[0::2], tables_and_indices[1::2]
         terms = list(zip(tables, indices))
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_disabled(q.device.type):
             bias = _attention_bias(terms[:num_key_terms], terms[num_key_terms:]).to(q.dtype)
             out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         ctx.save_for_backward(q, k, v, out, *tables, *indices)
@@ -800,7 +809,7 @@ class _RPEBiasAttention(torch.autograd.Function):
         # Half types: recompute in float32 (softmax and its backward are sensitive), return the input dtype.
         work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         qw, kw, vw, ow, gw = (t.to(work) for t in (q, k, v, out, grad_out))
-        with torch.autocast(q.device.type, enabled=False):
+        with _autocast_disabled(q.device.type):
             bias = _attention_bias(terms[:n_key], terms[n_key:]).to(work)
             probs = torch.softmax(torch.matmul(qw, kw.transpose(-2, -1)).mul_(ctx.scale).add_(bias), dim=-1)
             del bias

@@ -39,11 +39,12 @@ from rpe_vision_transformer import VisionTransformer  # noqa: E402
 
 def build_on_meta(name: str) -> VisionTransformer:
     """Build the zoo or baseline model ``name`` on the meta device (shapes only)."""
+    # MACs are counted on the paper's explicit attention ('math'): a fused kernel is one opaque op to the counter.
     with torch.device("meta"):
         if name in rpe_models.MODEL_ZOO:
-            return rpe_models.create_irpe_deit(name)
+            return rpe_models.create_irpe_deit(name, attn_impl="math")
         if name in models.BASELINES:
-            return getattr(models, name)()
+            return getattr(models, name)(attn_impl="math")
     raise ValueError(f"unknown model {name!r}")
 
 
