@@ -27,8 +27,9 @@ import math
 import numbers
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -542,6 +543,20 @@ def backend_report() -> str:
 # Modules.
 # ----------------------------------------------------------------------------------------------------------------
 
+
+class FusedTerm(NamedTuple):
+    """One table of a q/k encoding, as the fused attention path consumes it.
+
+    ``weight`` is the module's parameter (contextual ``(Hm, d, nb)`` or bias ``(Hm, nb)``), ``index`` its bucket ids
+    ``(L, L)``; a query term (``rpe_q``) is looked up with the keys and transposed onto the logits.
+    """
+
+    weight: torch.Tensor
+    index: torch.Tensor
+    is_bias: bool
+    is_query: bool
+
+
 _CACHE_SIZE = 8  # distinct (grid, skip, device, dtype) keys kept per module: enough for multi-resolution eval
 
 
@@ -667,23 +682,22 @@ class iRPE(nn.Module):
         # sum_j attn[i, j] * W[index[i, j]] = (bucket sums of attn) @ W: (B, H, L, nb) @ (Hm, nb, d) -> (B, H, L, d)
         return torch.matmul(rpe_bucket_sum(x, index, self.num_buckets), self.lookup_table_weight)
 
-    def bias_terms(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None, scale: float = 1.0
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The encoding of ``x * scale`` as ``[(table, index)]``: ``forward(x * scale) == rpe_index(table, index)``.
+    def fused_terms(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
+    ) -> list[FusedTerm]:
+        """This q/k encoding for the fused attention paths of :func:`rpe_attention`: its weight and bucket ids.
 
-        Fused attention paths (:func:`rpe_attention`) take these small ``(B, H, L, num_buckets)`` tables instead of
-        the ``(B, H, L, L)`` encoding. The scale is applied to the small weight, ``x @ (W * scale)``, so autograd
-        keeps ``x`` itself (which the attention keeps anyway) rather than a scaled copy.
+        Args:
+            x: the queries (keys for an encoding on queries) ``(B, H, L, d)``; gives the length and device.
+            height, width: the patch grid.
+            is_query: whether this is the encoding on queries (looked up with the keys, transposed).
         """
         if not self.transposed:
-            raise ValueError("bias_terms() is for encodings on queries or keys; the values encoding has none")
+            raise ValueError("fused_terms() is for encodings on queries or keys; the values encoding has none")
         height, width, skip = self.resolve_grid(x.size(2), height, width)
-        if self.mode == "bias":
-            table = self.lookup_table(x)
-        else:
-            table = torch.matmul(x, self.lookup_table_weight * scale)  # (B, H, L, d) @ (Hm, d, nb) -> (B, H, L, nb)
-        return [(table, self.get_bucket_ids(height, width, skip, x.device))]
+        index = self.get_bucket_ids(height, width, skip, x.device)
+        weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
+        return [FusedTerm(weight, index, self.mode == "bias", is_query)]
 
     def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
@@ -711,11 +725,12 @@ class iRPE_Cross(nn.Module):
         """Sum of the row and the column encodings; shapes as :class:`iRPE`."""
         return self.rp_rows(x, height=height, width=width) + self.rp_cols(x, height=height, width=width)
 
-    def bias_terms(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None, scale: float = 1.0
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[(table, index)]`` of the row and the column encodings; see :meth:`iRPE.bias_terms`."""
-        return self.rp_rows.bias_terms(x, height, width, scale) + self.rp_cols.bias_terms(x, height, width, scale)
+    def fused_terms(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
+    ) -> list[FusedTerm]:
+        """The row and the column tables; see :meth:`iRPE.fused_terms`."""
+        rows = self.rp_rows.fused_terms(x, height, width, is_query=is_query)
+        return rows + self.rp_cols.fused_terms(x, height, width, is_query=is_query)
 
 
 def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[iRPE | iRPE_Cross | None]:
@@ -758,17 +773,6 @@ _backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lowe
 # ----------------------------------------------------------------------------------------------------------------
 
 ATTN_IMPLS = ("auto", "math", "sdpa", "flex")
-BiasTerms = list[tuple[torch.Tensor, torch.Tensor]]  # [(table (B|1, H|1, L, nb), index (L, L))]
-
-
-def _attention_bias(key_terms: BiasTerms, query_terms: BiasTerms) -> torch.Tensor:
-    """The additive logit bias ``(B|1, H|1, L, L)``: key terms as looked up, query terms transposed."""
-    parts = [rpe_index(table, index) for table, index in key_terms]
-    parts += [rpe_index(table, index).transpose(2, 3) for table, index in query_terms]
-    bias = parts[0]
-    for part in parts[1:]:
-        bias = bias + part
-    return bias
 
 
 def _autocast_disabled(device_type: str):
@@ -779,53 +783,109 @@ def _autocast_disabled(device_type: str):
     return contextlib.nullcontext()
 
 
-class _RPEBiasAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale + bias) @ v`` with ``bias`` looked up from small per-row tables.
+def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-row bucket values of a term: ``(b, H, L, nb)`` contextual, ``(1, Hm, L, nb)`` bias."""
+    if term.is_bias:
+        Hm, nb = term.weight.shape
+        return term.weight.to(q.dtype).view(1, Hm, 1, nb).expand(1, Hm, q.size(2), nb)
+    x = k if term.is_query else q
+    return torch.matmul(x, term.weight.to(x.dtype) * scale)  # (b, H, L, d) @ (Hm, d, nb)
 
-    The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask; only
-    ``q, k, v``, the output and the ``(B, H, L, num_buckets)`` tables are kept for backward, which recomputes the
-    probabilities (as flash attention does) and returns the tables' gradients as bucket sums of the logits'
-    gradient. No ``(B, H, L, L)`` tensor lives from forward to backward.
+
+def _fused_bias(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The additive logit bias ``(b|1, H|1, L, L)`` of all terms for the batch slice ``q, k``."""
+    bias = None
+    for term in terms:
+        part = rpe_index(_term_table(term, q, k, scale), term.index)
+        part = part.transpose(2, 3) if term.is_query else part
+        bias = part if bias is None else bias + part
+    return bias
+
+
+# Batch slices of the fused path hold about this many bytes of each (b, H, L, L) work tensor: this bounds the memory
+# of the temporaries (and keeps them closer to the caches) while keeping the kernels large.
+_FUSED_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half types are recomputed in float32 (softmax and its backward are sensitive to rounding)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
+    B, H, L, _ = q.shape
+    per_sample = H * L * L * 4
+    step = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_sample, 1))
+    return [(start, min(start + step, B)) for start in range(0, B, step)]
+
+
+class _RPEBiasAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + bias) @ v`` with the iRPE bias, fused and memory-efficient.
+
+    The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, batch slice
+    by batch slice. Nothing beyond ``q, k, v`` and the output is kept for backward: the backward recomputes the
+    tables (``q @ W``, small), the bias and the probabilities slice by slice (as flash attention does), and gives the
+    encodings' gradients through bucket sums of the logits' gradient. No ``(B, H, L, L)`` tensor lives from forward
+    to backward, and the temporaries of either pass are bounded by the slice size.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, num_key_terms: int, *tables_and_indices):
-        tables, indices = tables_and_indices[0::2], tables_and_indices[1::2]
-        terms = list(zip(tables, indices))
-        with _autocast_disabled(q.device.type):
-            bias = _attention_bias(terms[:num_key_terms], terms[num_key_terms:]).to(q.dtype)
-            out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        ctx.save_for_backward(q, k, v, out, *tables, *indices)
-        ctx.scale, ctx.num_key_terms, ctx.num_terms = scale, num_key_terms, len(tables)
+    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], *weights_and_indices):
+        n = len(kinds)
+        weights, indices = weights_and_indices[:n], weights_and_indices[n:]
+        terms = [FusedTerm(w, i, *kind) for w, i, kind in zip(weights, indices, kinds)]
+        work = _work_dtype(q.dtype)
+        outs = []
+        with _autocast_disabled(q.device.type), torch.no_grad():
+            for b0, b1 in _batch_chunks(q):
+                qc, kc = q[b0:b1], k[b0:b1]
+                bias = _fused_bias(terms, qc.to(work), kc.to(work), scale).to(q.dtype)
+                outs.append(nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=bias, scale=scale))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ctx.save_for_backward(q, k, v, out, *weights, *indices)
+        ctx.scale, ctx.kinds = scale, kinds
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, *saved = ctx.saved_tensors
-        tables, indices = saved[: ctx.num_terms], saved[ctx.num_terms :]
-        n_key = ctx.num_key_terms
-        terms = list(zip(tables, indices))
-        # Half types: recompute in float32 (softmax and its backward are sensitive), return the input dtype.
-        work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        qw, kw, vw, ow, gw = (t.to(work) for t in (q, k, v, out, grad_out))
+        n = len(ctx.kinds)
+        work = _work_dtype(q.dtype)
+        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n:], ctx.kinds)]
+        scale = ctx.scale
+        grads_qkv = []
+        grad_weights = [torch.zeros_like(term.weight) for term in terms]
         with _autocast_disabled(q.device.type):
-            bias = _attention_bias(terms[:n_key], terms[n_key:]).to(work)
-            probs = torch.softmax(torch.matmul(qw, kw.transpose(-2, -1)).mul_(ctx.scale).add_(bias), dim=-1)
-            del bias
-            grad_v = torch.matmul(probs.transpose(-2, -1), gw)  # (B, H, L, d)
-            delta = (gw * ow).sum(-1, keepdim=True)  # (B, H, L, 1): rowsum(P * dP)
-            grad_logits = torch.matmul(gw, vw.transpose(-2, -1)).sub_(delta).mul_(probs)  # (B, H, L, L)
-            del probs
-            grad_q = torch.matmul(grad_logits, kw).mul_(ctx.scale)
-            grad_k = torch.matmul(grad_logits.transpose(-2, -1), qw).mul_(ctx.scale)
-            grad_tables = []
-            for i, (table, index) in enumerate(terms):
-                g = grad_logits if i < n_key else grad_logits.transpose(2, 3)
-                g = g.sum_to_size(*table.shape[:2], *g.shape[2:])  # bias tables broadcast over batch/heads
-                grad_tables.append(rpe_bucket_sum(g, index, table.size(3)).to(table.dtype))
-        grads_of_terms = [grad for table_grad in grad_tables for grad in (table_grad, None)]
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, *grads_of_terms
+            for b0, b1 in _batch_chunks(q):
+                qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
+                oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
+                logits = torch.matmul(qc, kc.transpose(-2, -1)).mul_(scale)  # (b, H, L, L)
+                probs = torch.softmax(logits.add_(_fused_bias(terms, qc, kc, scale)), dim=-1)
+                del logits
+                delta = (gc * oc).sum(-1, keepdim=True)  # (b, H, L, 1): rowsum(P * dP)
+                grad_logits = torch.matmul(gc, vc.transpose(-2, -1)).sub_(delta).mul_(probs)  # (b, H, L, L)
+                dv = torch.matmul(probs.transpose(-2, -1), gc)
+                del probs
+                dq = torch.matmul(grad_logits, kc).mul_(scale)
+                dk = torch.matmul(grad_logits.transpose(-2, -1), qc).mul_(scale)
+                for term, grad_weight in zip(terms, grad_weights):
+                    g = grad_logits.transpose(2, 3) if term.is_query else grad_logits
+                    if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
+                        Hm, nb = term.weight.shape
+                        g = g.sum_to_size(1, Hm, *g.shape[2:])
+                        grad_weight += rpe_bucket_sum(g, term.index, nb).sum(2).view(Hm, nb)
+                        continue
+                    x = kc if term.is_query else qc  # (b, H, L, d)
+                    grad_table = rpe_bucket_sum(g, term.index, term.weight.size(-1))  # (b, H, L, nb)
+                    dx = torch.matmul(grad_table, (term.weight * scale).transpose(-2, -1))  # (b, H, L, d)
+                    (dk if term.is_query else dq).add_(dx)
+                    grad_w = torch.matmul(x.transpose(-2, -1), grad_table).mul_(scale)  # (b, H, d, nb)
+                    grad_weight += grad_w.sum(0).sum_to_size(term.weight.shape)
+                grads_qkv.append((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)))
+        grad_q, grad_k, grad_v = grads_qkv[0] if len(grads_qkv) == 1 else (torch.cat(g) for g in zip(*grads_qkv))
+        grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
+        return grad_q, grad_k, grad_v, None, None, *grad_weights, *([None] * n)
 
 
 def _flex_attention_fn(device: torch.device):
@@ -845,17 +905,19 @@ def _flex_attention_fn(device: torch.device):
 _compiled_flex = None
 
 
-def _flex_rpe_attention(q, k, v, scale: float, key_terms: BiasTerms, query_terms: BiasTerms) -> torch.Tensor:
+def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
     """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]``: no ``L x L`` bias ever exists."""
+    tables = [_term_table(term, q, k, scale) for term in terms]  # (B|1, H|1, L, nb), differentiable
 
     def pick(table: torch.Tensor, b, h):
         return table[b if table.size(0) > 1 else 0, h if table.size(1) > 1 else 0]
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        for table, index in key_terms:
-            score = score + pick(table, b, h)[q_idx, index[q_idx, kv_idx]]
-        for table, index in query_terms:
-            score = score + pick(table, b, h)[kv_idx, index[kv_idx, q_idx]]
+        for term, table in zip(terms, tables):
+            if term.is_query:
+                score = score + pick(table, b, h)[kv_idx, term.index[kv_idx, q_idx]]
+            else:
+                score = score + pick(table, b, h)[q_idx, term.index[q_idx, kv_idx]]
         return score
 
     return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
@@ -923,17 +985,19 @@ def rpe_attention(
         return out
     if rpe_q is None and rpe_k is None:
         return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    key_terms = rpe_k.bias_terms(q, height, width, scale) if rpe_k is not None else []
-    query_terms = rpe_q.bias_terms(k, height, width, scale) if rpe_q is not None else []
+    terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
+    if rpe_q is not None:
+        terms += rpe_q.fused_terms(k, height, width, is_query=True)
     if path == "flex":
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError(
                 "attn_impl='flex': FlexAttention has no backward on CPU in PyTorch; train with attn_impl='sdpa' "
                 "(or 'auto') on CPU, or run flex on CUDA"
             )
-        return _flex_rpe_attention(q, k, v, scale, key_terms, query_terms)
-    flat = [tensor for term in key_terms + query_terms for tensor in term]
-    return _RPEBiasAttention.apply(q, k, v, scale, len(key_terms), *flat)
+        return _flex_rpe_attention(q, k, v, scale, terms)
+    kinds = tuple((term.is_bias, term.is_query) for term in terms)
+    weights, indices = [term.weight for term in terms], [term.index for term in terms]
+    return _RPEBiasAttention.apply(q, k, v, scale, kinds, *weights, *indices)
 
 
 if __name__ == "__main__":

@@ -740,3 +740,16 @@ def test_bucket_sum_accumulates_half_types_in_float32(backend, dtype, device):
     values = torch.full((1, 1, 1, 3000), 1.0 + 2**-7, dtype=dtype, device=device)  # exact in both half types
     expected = torch.tensor(3000 * (1.0 + 2**-7)).to(dtype)
     assert irpe.rpe_bucket_sum(values, index.new_zeros(1, 3000), 1).item() == expected.item()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 12 * 12 * 4 * 2])  # one sample per slice; two samples per slice
+def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
+    monkeypatch.setitem(irpe._FUSED_CHUNK_BYTES, "cpu", chunk_bytes)
+    args = dict(method="cross", skip=0, rpe_on="qk", shared_head=False)
+    qkv, modules, grid = _attention_inputs(args, torch.float64, B=5, height=4, width=3)
+    assert len(irpe._batch_chunks(qkv[0])) == (5 if chunk_bytes == 1 else 3)
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    out, grads = _attention_and_grads("sdpa", qkv, modules, grid)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)

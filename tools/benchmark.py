@@ -6,9 +6,10 @@ median of the per-pair time ratios: pairs taken back to back see the same machin
 machines. A train step is ``zero_grad + forward + cross-entropy + backward + AdamW step``; inference is a forward
 pass under ``torch.inference_mode``. Peak memory is the peak over one train step above the memory in use just
 before it (CPU: the process's peak resident set, reset through ``/proc/self/clear_refs``; CUDA: the allocator's
-peak), i.e. activations, gradients and temporaries. On CPU the script re-executes itself with a fixed glibc
-``MALLOC_MMAP_THRESHOLD_`` so that every large tensor is mapped on allocation and returned on free: otherwise
-glibc keeps freed memory resident and the resident set stops following what is in use.
+peak), i.e. activations, gradients and temporaries. On CPU, memory is measured in a child process run with a fixed
+glibc ``MALLOC_MMAP_THRESHOLD_``, so that every large tensor is mapped on allocation and returned on free (otherwise
+glibc keeps freed memory resident and the resident set stops following what is in use); times are measured in the
+parent, with the allocator's default behaviour that training runs get.
 
 Examples:
     python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,7 @@ CUDA_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
     # training throughput >= 0.90x means step time <= 1/0.90 = 1.11x
     "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.90, 1.10, None),
 }
+MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
 PLAIN_FOR_SIZE = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
 
 
@@ -178,13 +181,10 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
             train[key].append(runner.train_step())
         for key, runner in pair:
             infer[key].append(runner.infer())
-    peaks = {"ours": [], "plain": []}
-    for _ in range(args.memory_repeats):
-        for key, runner in (("ours", ours), ("plain", plain)):
-            peaks[key].append(runner.peak_train_mib())
+    del ours, plain
+    peak_ours, peak_plain = measure_memory(model_name, impl, args, device)
     train_ratio = statistics.median(a / b for a, b in zip(train["ours"], train["plain"]))
     infer_ratio = statistics.median(a / b for a, b in zip(infer["ours"], infer["plain"]))
-    peak_ours, peak_plain = min(peaks["ours"]), min(peaks["plain"])
     targets = (CUDA_TARGETS if device.type == "cuda" else CPU_TARGETS).get(model_name, (None, None, None))
     train_ms, plain_train_ms = statistics.median(train["ours"]) * 1e3, statistics.median(train["plain"]) * 1e3
     return Result(
@@ -204,6 +204,52 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
         baseline_train_img_s=args.batch_size / plain_train_ms * 1e3,
         targets=dict(zip(("train_ratio", "memory_ratio", "infer_ratio"), targets)),
     )
+
+
+def _peaks(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+    """Peak train-step memory (MiB) of the iRPE model and its plain DeiT, in this process: the minimum of
+    ``--memory-repeats`` steps after one warm-up step each."""
+    torch.manual_seed(0)
+    ours = Runner(timm.create_model(model_name, img_size=args.input_size, attn_impl=impl), args, device)
+    plain = Runner(timm.create_model(_plain_name(model_name), img_size=args.input_size), args, device)
+    ours.train_step()
+    plain.train_step()
+    peaks = {"ours": [], "plain": []}
+    for _ in range(args.memory_repeats):
+        for key, runner in (("ours", ours), ("plain", plain)):
+            peaks[key].append(runner.peak_train_mib())
+    return min(peaks["ours"]), min(peaks["plain"])
+
+
+def measure_memory(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+    """Peak train-step memory of both models; on CPU in a child process with a fixed glibc mmap threshold."""
+    if device.type != "cpu":
+        return _peaks(model_name, impl, args, device)
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        "--models",
+        model_name,
+        "--impls",
+        impl,
+        "--threads",
+        str(args.threads),
+        "--batch-size",
+        str(args.batch_size),
+        "--input-size",
+        str(args.input_size),
+        "--amp-dtype",
+        args.amp_dtype,
+        "--memory-repeats",
+        str(args.memory_repeats),
+    ]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{result.stderr}")
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    return peaks["ours"], peaks["plain"]
 
 
 def _verdict(value: float, target: float | None) -> str:
@@ -255,18 +301,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=2, help="peak memory: the minimum of this many steps")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     return parser
-
-
-MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cpu" and argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    if args.memory_child:
+        torch.set_num_threads(args.threads)
+        ours, plain = _peaks(args.models[0], args.impls[0], args, device)
+        print(json.dumps({"ours": ours, "plain": plain}))
+        return 0
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
