@@ -47,8 +47,7 @@ def run(cmd: list[str], title: str) -> list[str]:
     with subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             print(line, end="", flush=True)
             lines.append(line.rstrip("\n"))
     if proc.returncode != 0:
