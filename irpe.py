@@ -557,6 +557,19 @@ class FusedTerm(NamedTuple):
     is_query: bool
 
 
+def _per_row_table(weight: torch.Tensor, is_bias: bool, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The values every row looks its buckets up in, for ``x * scale`` (``(B, H, L, d)``).
+
+    Contextual: ``x @ (W * scale)`` ``(B, H, L, nb)``, the scale applied to the small weight so that autograd keeps
+    ``x`` rather than a scaled copy; bias: the ``(Hm, nb)`` row repeated, ``(1, Hm, L, nb)`` (a stride-0 view).
+    """
+    if is_bias:
+        Hm, nb = weight.shape
+        return weight.to(x.dtype).view(1, Hm, 1, nb).expand(1, Hm, x.size(2), nb)
+    weight = weight.to(x.dtype)
+    return torch.matmul(x, weight * scale if scale != 1.0 else weight)  # (B, H, L, d) @ (Hm, d, nb)
+
+
 _CACHE_SIZE = 8  # distinct (grid, skip, device, dtype) keys kept per module: enough for multi-resolution eval
 
 
@@ -701,10 +714,8 @@ class iRPE(nn.Module):
 
     def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
-        if self.mode == "bias":
-            L = x.size(2)
-            return self.lookup_table_bias.view(1, self.num_heads, 1, self.num_buckets).expand(1, -1, L, -1)
-        return torch.matmul(x, self.lookup_table_weight)  # (B, H, L, d) @ (Hm, d, nb) -> (B, H, L, nb)
+        weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
+        return _per_row_table(weight, self.mode == "bias", x)
 
 
 class iRPE_Cross(nn.Module):
@@ -784,12 +795,8 @@ def _autocast_disabled(device_type: str):
 
 
 def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-row bucket values of a term: ``(b, H, L, nb)`` contextual, ``(1, Hm, L, nb)`` bias."""
-    if term.is_bias:
-        Hm, nb = term.weight.shape
-        return term.weight.to(q.dtype).view(1, Hm, 1, nb).expand(1, Hm, q.size(2), nb)
-    x = k if term.is_query else q
-    return torch.matmul(x, term.weight.to(x.dtype) * scale)  # (b, H, L, d) @ (Hm, d, nb)
+    """Per-row bucket values of a term of :func:`rpe_attention` (a query term is looked up with the keys)."""
+    return _per_row_table(term.weight, term.is_bias, k if term.is_query else q, scale)
 
 
 def _fused_bias(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
