@@ -783,7 +783,7 @@ _backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lowe
 # Attention with iRPE: the paper's formulation and fused, memory-efficient paths.
 # ----------------------------------------------------------------------------------------------------------------
 
-ATTN_IMPLS = ("auto", "math", "sdpa", "flex")
+ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops")
 
 
 def _autocast_disabled(device_type: str):
@@ -824,6 +824,26 @@ def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
     per_sample = H * L * L * 4
     step = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_sample, 1))
     return [(start, min(start + step, B)) for start in range(0, B, step)]
+
+
+def _table_backward(
+    term: FusedTerm, grad_table: torch.Tensor, x: torch.Tensor, scale: float, grad_weight: torch.Tensor
+) -> torch.Tensor | None:
+    """Back through :func:`_term_table`: adds the weight's gradient to ``grad_weight`` and returns ``x``'s (``None``
+    for a bias term, whose table does not depend on ``x``).
+
+    Args:
+        grad_table: gradient of the term's table, ``(b, H, L, nb)`` (or anything that sums to the bias' shape).
+        x: the tensor the table was looked up with (``k`` for a query term, ``q`` otherwise), ``(b, H, L, d)``.
+    """
+    if term.is_bias:
+        Hm, nb = term.weight.shape
+        grad_weight += grad_table.sum_to_size(1, Hm, 1, nb).view(Hm, nb)
+        return None
+    dx = torch.matmul(grad_table, (term.weight * scale).transpose(-2, -1))  # (b, H, L, d)
+    grad_w = torch.matmul(x.transpose(-2, -1), grad_table).mul_(scale)  # (b, H, d, nb)
+    grad_weight += grad_w.sum(0).sum_to_size(term.weight.shape)
+    return dx
 
 
 class _RPEBiasAttention(torch.autograd.Function):
@@ -879,20 +899,75 @@ class _RPEBiasAttention(torch.autograd.Function):
                 for term, grad_weight in zip(terms, grad_weights):
                     g = grad_logits.transpose(2, 3) if term.is_query else grad_logits
                     if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
-                        Hm, nb = term.weight.shape
-                        g = g.sum_to_size(1, Hm, *g.shape[2:])
-                        grad_weight += rpe_bucket_sum(g, term.index, nb).sum(2).view(Hm, nb)
-                        continue
-                    x = kc if term.is_query else qc  # (b, H, L, d)
-                    grad_table = rpe_bucket_sum(g, term.index, term.weight.size(-1))  # (b, H, L, nb)
-                    dx = torch.matmul(grad_table, (term.weight * scale).transpose(-2, -1))  # (b, H, L, d)
-                    (dk if term.is_query else dq).add_(dx)
-                    grad_w = torch.matmul(x.transpose(-2, -1), grad_table).mul_(scale)  # (b, H, d, nb)
-                    grad_weight += grad_w.sum(0).sum_to_size(term.weight.shape)
+                        g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
+                    grad_table = rpe_bucket_sum(g, term.index, term.weight.size(-1))  # (b|1, H|Hm, L, nb)
+                    dx = _table_backward(term, grad_table, kc if term.is_query else qc, scale, grad_weight)
+                    if dx is not None:
+                        (dk if term.is_query else dq).add_(dx)
                 grads_qkv.append((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)))
         grad_q, grad_k, grad_v = grads_qkv[0] if len(grads_qkv) == 1 else (torch.cat(g) for g in zip(*grads_qkv))
         grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
         return grad_q, grad_k, grad_v, None, None, *grad_weights, *([None] * n)
+
+
+class _RPEKernelAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + bias) @ v`` with the iRPE bias, in the fused CPU kernel of ``rpe_ops``.
+
+    The kernel looks the bias up from the small ``(B, H, L, nb)`` tables inside cache-sized blocks of query rows and
+    keeps only the rows' log-sum-exp for backward. The tables themselves are recomputed in backward rather than
+    saved (``q @ W``: cheap), so the memory kept between the passes is that of plain fused attention plus
+    ``(B, H, L)`` log-sum-exps.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], *weights_and_indices):
+        n = len(kinds)
+        weights, indices = weights_and_indices[:n], weights_and_indices[n:]
+        terms = [FusedTerm(w, i, *kind) for w, i, kind in zip(weights, indices, kinds)]
+        out, lse = _rpe_ops.rpe_attention(
+            q, k, v, _kernel_tables(terms, q, k, scale), indices, [t.is_query for t in terms], scale
+        )
+        ctx.save_for_backward(q, k, v, lse, *weights, *indices)
+        ctx.scale, ctx.kinds = scale, kinds
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, lse, *saved = ctx.saved_tensors
+        n = len(ctx.kinds)
+        terms = [FusedTerm(w.to(q.dtype), i, *kind) for w, i, kind in zip(saved[:n], saved[n:], ctx.kinds)]
+        scale = ctx.scale
+        dq, dk, dv, *grad_tables = torch.ops.rpe_ops.rpe_attention_backward.default(
+            grad_out,
+            q,
+            k,
+            v,
+            lse,
+            _kernel_tables(terms, q, k, scale),
+            list(saved[n:]),
+            [int(t.is_query) for t in terms],
+            scale,
+        )
+        grad_weights = []
+        for term, grad_table, weight in zip(terms, grad_tables, saved[:n]):
+            grad_weight = torch.zeros_like(term.weight)
+            dx = _table_backward(term, grad_table, k if term.is_query else q, scale, grad_weight)
+            if dx is not None:
+                (dk if term.is_query else dq).add_(dx)
+            grad_weights.append(grad_weight.to(weight.dtype))
+        return dq, dk, dv, None, None, *grad_weights, *([None] * n)
+
+
+def _kernel_tables(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """The terms' tables in the ``(B, H, L, nb)`` shape the kernel reads (broadcast dims as stride-0 views)."""
+    B, H = q.shape[:2]
+    tables = []
+    with torch.no_grad():
+        for term in terms:
+            table = _term_table(term, q, k, scale)  # (B|1, H|1, L, nb)
+            tables.append(table.expand(B, H, *table.shape[2:]))
+    return tables
 
 
 def _flex_attention_fn(device: torch.device):
@@ -930,18 +1005,52 @@ def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> to
     return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float) -> str:
-    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'`` or ``'flex'``.
+def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
+    """Whether the fused CPU kernel of ``rpe_ops`` can run attention on ``device``, and why not."""
+    if device is not None and device.type != "cpu":
+        return False, f"it is a CPU kernel and the tensors are on {device}"
+    if _rpe_ops is None:
+        return False, f"the compiled rpe_ops are unavailable ({_rpe_ops_error}); {_BUILD_HINT}"
+    if not _rpe_ops.has_attention_kernel():
+        return False, f"the loaded rpe_ops predate the attention kernel; rebuild them: {_BUILD_HINT}"
+    return True, ""
 
-    ``'auto'`` takes ``'sdpa'`` (fused forward, nothing ``L x L`` kept for backward) whenever it is exact. An
-    encoding on values needs the attention probabilities, and attention dropout needs its mask in backward: both
-    run the paper's explicit formulation (``'math'``) whatever was asked.
+
+def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None) -> str:
+    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'`` or ``'ops'``.
+
+    ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built and the
+    lookup backend is not forced to PyTorch (``IRPE_BACKEND=torch``), ``'sdpa'`` elsewhere. An encoding on values
+    needs the attention probabilities, and attention dropout needs its mask in backward: both run the paper's
+    explicit formulation (``'math'``) whatever was asked.
+
+    Raises:
+        ValueError: for an unknown ``impl``, or ``'ops'`` where the kernel cannot run (with the reason).
     """
     if impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
     if impl == "math" or has_rpe_v or dropout_p > 0:
         return "math"
-    return "sdpa" if impl == "auto" else impl
+    if impl == "ops":
+        usable, why = _ops_attention_usable(device)
+        if not usable:
+            raise ValueError(f"attn_impl='ops' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
+        return "ops"
+    if impl == "auto":
+        fused_cpu = device is not None and _backend != "torch" and _ops_attention_usable(device)[0]
+        return "ops" if fused_cpu else "sdpa"
+    return impl
+
+
+def _ops_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
+    """The fused CPU kernel; half types run it in float32 (as PyTorch's CPU attention accumulates)."""
+    dtype = q.dtype
+    work = _work_dtype(dtype)
+    kinds = tuple((term.is_bias, term.is_query) for term in terms)
+    weights, indices = [term.weight for term in terms], [term.index for term in terms]
+    with _autocast_disabled(q.device.type):
+        out = _RPEKernelAttention.apply(q.to(work), k.to(work), v.to(work), scale, kinds, *weights, *indices)
+    return out.to(dtype)
 
 
 def rpe_attention(
@@ -977,7 +1086,7 @@ def rpe_attention(
         ``(B, H, L, head_dim)``.
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p)
+    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device)
     if path == "math":
         q = q * scale
         attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, L)
@@ -1002,6 +1111,8 @@ def rpe_attention(
                 "(or 'auto') on CPU, or run flex on CUDA"
             )
         return _flex_rpe_attention(q, k, v, scale, terms)
+    if path == "ops":
+        return _ops_rpe_attention(q, k, v, scale, terms)
     kinds = tuple((term.is_bias, term.is_query) for term in terms)
     weights, indices = [term.weight for term in terms], [term.index for term in terms]
     return _RPEBiasAttention.apply(q, k, v, scale, kinds, *weights, *indices)

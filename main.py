@@ -92,7 +92,7 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--attn-impl",
         default="auto",
-        choices=("auto", "math", "sdpa", "flex"),
+        choices=("auto", "math", "sdpa", "flex", "ops"),
         help="attention implementation, passed to models that accept `attn_impl` (auto: the model's choice)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

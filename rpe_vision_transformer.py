@@ -32,7 +32,7 @@ import irpe
 
 __all__ = ["ATTN_IMPLS", "RPEAttention", "RPEBlock", "VisionTransformer", "DistilledVisionTransformer"]
 
-AttnImpl = Literal["auto", "math", "sdpa", "flex"]
+AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops"]
 # Attention implementations RPEAttention can run (see irpe.rpe_attention): 'math' materialises the (B, H, L, L)
 # probabilities; 'sdpa' runs the fused kernel with the iRPE bias and keeps nothing L x L for backward; 'flex' adds
 # the bias inside FlexAttention; 'auto' takes 'sdpa' where it is exact (no iRPE on values, no attention dropout).

@@ -17,12 +17,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["build_info", "has_cuda_kernels", "is_available", "load_error", "rpe_bucket_sum", "rpe_index"]
+__all__ = [
+    "build_info",
+    "has_attention_kernel",
+    "has_cuda_kernels",
+    "is_available",
+    "load_error",
+    "rpe_attention",
+    "rpe_bucket_sum",
+    "rpe_index",
+]
 
 BUILD_COMMAND = "cd rpe_ops && python setup.py build_ext --inplace  (or `make ops` from the repository root)"
 
@@ -54,6 +64,11 @@ def is_available() -> bool:
 def has_cuda_kernels() -> bool:
     """True when the loaded library holds CUDA kernels (it may without a visible GPU)."""
     return is_available() and bool(_ext.with_cuda)
+
+
+def has_attention_kernel() -> bool:
+    """True when the loaded library holds the fused CPU attention kernel (`rpe_ops::rpe_attention`)."""
+    return is_available() and hasattr(torch.ops.rpe_ops, "rpe_attention")
 
 
 def load_error() -> str | None:
@@ -117,6 +132,39 @@ def rpe_bucket_sum(input: Tensor, index: Tensor, num_buckets: int) -> Tensor:
     return torch.ops.rpe_ops.rpe_bucket_sum.default(input, index, num_buckets)
 
 
+def rpe_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tables: Sequence[Tensor],
+    indices: Sequence[Tensor],
+    transposed: Sequence[bool],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """`softmax(scale * q @ k^T + bias) @ v` with the iRPE bias looked up inside one CPU kernel.
+
+    `bias[b,h,i,j]` sums, over the terms t, `tables[t][b,h,i,indices[t][i,j]]` (a term on keys) or, for a transposed
+    term (on queries), `tables[t][b,h,j,indices[t][j,i]]`. No (B, H, Lq, Lk) tensor is ever allocated: the kernel
+    works on cache-sized blocks of query rows, and its backward recomputes them from the returned log-sum-exp.
+
+    Args:
+        q: Queries (B, H, Lq, d), float32 or float64 (cast half types first), CPU.
+        k: Keys (B, H, Lk, d); v: values (B, H, Lk, dv), same dtype.
+        tables: Per-row bucket values, (B, H, Lq, nb_t) for a term on keys, (B, H, Lk, nb_t) for a transposed term;
+            broadcast dims may be expanded views (stride 0).
+        indices: Bucket ids (Lq, Lk) or, transposed, (Lk, Lq); int64 or int32, values in [0, nb_t).
+        transposed: One flag per term.
+        scale: Factor of `q @ k^T`.
+
+    Returns:
+        `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and the tables, `lse` (the
+        rows' log-sum-exp, kept for backward) is not.
+    """
+    _require()
+    flags = [int(bool(t)) for t in transposed]
+    return torch.ops.rpe_ops.rpe_attention.default(q, k, v, list(tables), list(indices), flags, float(scale))
+
+
 def _check_fake_args(op: str, input: Tensor, index: Tensor) -> None:
     torch._check(input.device == index.device, lambda: f"{op}: expected input and index on the same device")
     torch._check(input.dim() == 4, lambda: f"{op}: expected a 4-D input, got {input.dim()}-D")
@@ -159,14 +207,53 @@ def _rpe_bucket_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Non
     return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
 
 
+def _rpe_attention_fake(q, k, v, tables, indices, transposed, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "rpe_ops::rpe_attention: expected 4-D q, k, v")
+    torch._check(
+        len(tables) == len(indices) == len(transposed),
+        lambda: "rpe_ops::rpe_attention: expected as many tables, indices and transposed flags",
+    )
+    # (B, Lq, H, dv) in memory, as the kernel (and PyTorch's fused attention) lays it out
+    out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3])).permute(0, 2, 1, 3)
+    return out, q.new_empty((q.shape[0], q.shape[1], q.shape[2]))
+
+
+def _rpe_attention_backward_fake(grad_out, q, k, v, lse, tables, indices, transposed, scale):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [t.new_empty(t.shape) for t in tables]
+
+
+def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, tables, indices, transposed, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, lse, *tables, *indices)
+    ctx.transposed, ctx.scale = transposed, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _rpe_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+    q, k, v, lse, *rest = ctx.saved_tensors
+    n = len(ctx.transposed)
+    tables, indices = rest[:n], rest[n:]
+    dq, dk, dv, *dtables = torch.ops.rpe_ops.rpe_attention_backward.default(
+        grad_out, q, k, v, lse, tables, indices, ctx.transposed, ctx.scale
+    )
+    return dq, dk, dv, dtables, [None] * n, None, None
+
+
 def _register_python_parts() -> None:
-    """Fake kernels and autograd for the C++ ops (each op's backward is the other op)."""
+    """Fake kernels and autograd for the C++ ops (rpe_index and rpe_bucket_sum are each other's backward)."""
     torch.library.register_fake("rpe_ops::rpe_index")(_rpe_index_fake)
     torch.library.register_fake("rpe_ops::rpe_bucket_sum")(_rpe_bucket_sum_fake)
     torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_backward, setup_context=_rpe_index_setup_context)
     torch.library.register_autograd(
         "rpe_ops::rpe_bucket_sum", _rpe_bucket_sum_backward, setup_context=_rpe_bucket_sum_setup_context
     )
+    if hasattr(torch.ops.rpe_ops, "rpe_attention"):
+        torch.library.register_fake("rpe_ops::rpe_attention")(_rpe_attention_fake)
+        torch.library.register_fake("rpe_ops::rpe_attention_backward")(_rpe_attention_backward_fake)
+        torch.library.register_autograd(
+            "rpe_ops::rpe_attention", _rpe_attention_backward, setup_context=_rpe_attention_setup_context
+        )
 
 
 _load_extension()

@@ -127,13 +127,15 @@ def build_extensions() -> list:
             "`import rpe_ops` still works and irpe uses its PyTorch fallback"
         )
         return []
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math: lets the compiler turn the kernels' float selects (clamps, maxima) into vector blends, which
+    # a trapping compare would forbid; floating-point exceptions are masked in PyTorch processes anyway.
+    cxx_flags = ["-O3", "-fno-trapping-math"]
     link_flags: list[str] = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         # at::parallel_for is inline OpenMP code: without -fopenmp it would run on one thread.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    sources = ["csrc/rpe_ops.cpp"]
+    sources = ["csrc/rpe_ops.cpp", "csrc/rpe_attention_cpu.cpp"]
     if want_cuda():
         resolve_arch_list()
         return [

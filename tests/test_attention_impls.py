@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 
+import irpe
 import rpe_models  # noqa: F401  (registers the models)
 import rpe_vision_transformer as rvt
 
@@ -29,7 +30,19 @@ def _logits_and_grads(model, images):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "auto"])
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "sdpa",
+        "auto",
+        pytest.param(
+            "ops",
+            marks=pytest.mark.skipif(
+                not irpe.resolve_attn_impl("auto", False, 0.0, torch.device("cpu")) == "ops", reason="rpe_ops not built"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize(
     "name",
     [
@@ -67,4 +80,4 @@ def test_attention_dropout_uses_math_and_unknown_impl_is_an_error():
     assert attn.attn_impl == "sdpa"
     with pytest.raises(ValueError, match="unknown attn_impl='fused'"):
         rvt.RPEAttention(16, num_heads=2, attn_impl="fused")
-    assert rvt.ATTN_IMPLS == ("auto", "math", "sdpa", "flex")
+    assert rvt.ATTN_IMPLS == ("auto", "math", "sdpa", "flex", "ops")

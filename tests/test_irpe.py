@@ -621,28 +621,34 @@ def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4,
 def _attention_and_grads(impl, qkv, modules, grid):
     out = irpe.rpe_attention(*qkv, *modules, *grid, impl=impl)
     params = [p for m in modules if m is not None for p in m.parameters()]
-    grads = torch.autograd.grad(
-        out, [*qkv, *params], torch.ones_like(out).normal_(generator=torch.Generator(out.device).manual_seed(3))
-    )
+    # randn of the shape, not normal_() of an empty_like: the paths return different memory layouts
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(3), device=out.device)
+    grads = torch.autograd.grad(out, [*qkv, *params], grad_out.to(out.dtype))
     return out, grads
 
 
+needs_ops_kernel = pytest.mark.skipif(not OPS, reason="the compiled rpe_ops are not built")
+FUSED_CPU_IMPLS = ["sdpa", pytest.param("ops", marks=needs_ops_kernel)]
+
+
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "config_args", ATTENTION_CONFIGS, ids=lambda c: f"{c['method']}-{c.get('mode', 'ctx')}-{c['rpe_on']}"
 )
-def test_sdpa_path_matches_math(config_args, dtype):
+def test_fused_cpu_paths_match_math(config_args, dtype, impl):
     qkv, modules, grid = _attention_inputs(config_args, dtype)
     ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads("sdpa", qkv, modules, grid)
+    out, grads = _attention_and_grads(impl, qkv, modules, grid)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref_out, **tol)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **tol)
 
 
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sdpa_path_half_precision(dtype):
+def test_fused_cpu_paths_half_precision(dtype, impl):
     args = dict(method="product", skip=1, rpe_on="qk")
     qkv, modules, grid = _attention_inputs(args, torch.float32)
     ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
@@ -650,7 +656,7 @@ def test_sdpa_path_half_precision(dtype):
     for m in modules:
         if m is not None:
             m.to(dtype)
-    out, grads = _attention_and_grads("sdpa", half_qkv, modules, grid)
+    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
     for g, ref in zip(grads, ref_grads):
@@ -682,8 +688,17 @@ def test_fused_paths_match_math_on_cuda(config_args, impl):
         torch.testing.assert_close(g, ref, rtol=2e-4, atol=2e-4 * max(ref.abs().max().item(), 1.0))
 
 
-def test_attention_impl_resolution():
-    assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.0) == "sdpa"
+def test_attention_impl_resolution(monkeypatch):
+    assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.0) == "sdpa"  # no device given
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    # auto: the fused CPU kernel where it is built, PyTorch's fused attention elsewhere
+    assert irpe.resolve_attn_impl("auto", False, 0.0, cpu) == ("ops" if OPS else "sdpa")
+    assert irpe.resolve_attn_impl("auto", False, 0.0, meta) == "sdpa"
+    with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on meta"):
+        irpe.resolve_attn_impl("ops", False, 0.0, meta)
+    assert irpe.resolve_attn_impl("ops", True, 0.0, meta) == "math"
+    monkeypatch.setattr(irpe, "_backend", "torch")  # IRPE_BACKEND=torch: no compiled code on any path
+    assert irpe.resolve_attn_impl("auto", False, 0.0, cpu) == "sdpa"
     assert irpe.resolve_attn_impl("flex", has_rpe_v=False, dropout_p=0.0) == "flex"
     # Values need the probabilities, dropout its mask: the explicit formulation serves both.
     assert irpe.resolve_attn_impl("sdpa", has_rpe_v=True, dropout_p=0.0) == "math"
@@ -692,12 +707,12 @@ def test_attention_impl_resolution():
         irpe.resolve_attn_impl("fast", False, 0.0)
 
 
-def test_sdpa_path_keeps_no_square_tensor_for_backward():
+def test_fused_paths_keep_no_square_tensor_for_backward():
     # What autograd saves between forward and backward: the math path keeps (B, H, L, L) probabilities and more,
-    # the fused path only q, k, v, the output and the (B, H, L, nb) tables.
+    # the fused paths only q, k, v, the output (and the ops kernel the rows' log-sum-exp) and the weights.
     qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="k"), torch.float32, height=9, width=9)
     L = qkv[0].size(2)
-    for impl, expect_square in (("math", True), ("sdpa", False)):
+    for impl, expect_square in (("math", True), ("sdpa", False)) + ((("ops", False),) if OPS else ()):
         shapes = []
 
         def pack(t, shapes=shapes):
@@ -710,12 +725,13 @@ def test_sdpa_path_keeps_no_square_tensor_for_backward():
         assert has_square == expect_square, (impl, shapes)
 
 
-def test_compile_fullgraph_through_sdpa_attention():
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+def test_compile_fullgraph_through_fused_attention(impl):
     torch._dynamo.reset()
     qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="qk"), torch.float32)
 
     def step(q, k, v):
-        return irpe.rpe_attention(q, k, v, *modules, *grid, impl="sdpa")
+        return irpe.rpe_attention(q, k, v, *modules, *grid, impl=impl)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(*qkv)
@@ -753,3 +769,41 @@ def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+
+
+@needs_ops_kernel
+@pytest.mark.parametrize(
+    "config_args",
+    [dict(method="product", skip=1, rpe_on="qk"), dict(method="cross", mode="bias", skip=0, rpe_on="qk")],
+    ids=["product-ctx-qk", "cross-bias-qk"],
+)
+def test_ops_kernel_row_blocks_match_math(config_args):
+    # L = 290: the kernel's blocks of query rows (65536 logits) split every (b, h) into two, the last one short.
+    qkv, modules, grid = _attention_inputs(config_args, torch.float64, B=1, H=2, d=4, height=17, width=17)
+    assert qkv[0].size(2) ** 2 > 65536
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    out, grads = _attention_and_grads("ops", qkv, modules, grid)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+
+
+@needs_ops_kernel
+def test_ops_kernel_float32_softmax_handles_large_logits():
+    # Logits ~1e3 apart: the kernel's exp must subtract the row maximum and flush far-away keys to ~0. The softmax
+    # saturates, so float32 gradients lose digits on any path: the kernel must be as close to float64 as math is.
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="k"), torch.float32)
+    qkv = [(t * 30).detach().requires_grad_() for t in qkv]
+    exact_out, exact_grads = _attention_and_grads(
+        "math", [t.double() for t in qkv], [m.double() if m else m for m in modules], grid
+    )
+    for m in modules:
+        if m is not None:
+            m.float()
+    results = {impl: _attention_and_grads(impl, qkv, modules, grid) for impl in ("math", "ops")}
+    out, grads = results["ops"]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-4)
+    for i, exact in enumerate(exact_grads):
+        err = {impl: (res[1][i].double() - exact).abs().max().item() for impl, res in results.items()}
+        assert err["ops"] <= 4 * err["math"] + 1e-6 * exact.abs().max().item(), (i, err)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import rpe_ops
@@ -387,3 +388,97 @@ def test_torch_compile_fullgraph() -> None:
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor() -> None:
     _compile_check("inductor", tol=1e-4)  # inductor fuses the softmax: float32 rounding differs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rpe_attention: the fused CPU attention kernel
+
+
+def _reference_attention(q, k, v, tables, indices, transposed, scale):
+    """softmax(scale q k^T + bias) @ v with the bias gathered explicitly (the definition the kernel implements)."""
+    logits = scale * q @ k.transpose(-2, -1)
+    for table, index, tr in zip(tables, indices, transposed):
+        rows, cols = index.shape
+        gathered = table.gather(3, index.reshape(1, 1, rows, cols).expand(*table.shape[:2], rows, cols))
+        logits = logits + (gathered.transpose(2, 3) if tr else gathered)
+    probs = logits.softmax(-1)
+    return probs @ v, logits.logsumexp(-1)
+
+
+def _attention_case(Lq: int = 7, Lk: int = 9, nb: int = 5, dtype=torch.float64, requires_grad: bool = False):
+    """Queries and keys of different lengths, one term on keys, one transposed term, one broadcast (bias) table."""
+    B, H, d, dv = 2, 3, 4, 6
+    q = randn(B, H, Lq, d, dtype=dtype, seed=1)
+    k, v = randn(B, H, Lk, d, dtype=dtype, seed=2), randn(B, H, Lk, dv, dtype=dtype, seed=3)
+    tables = [
+        randn(B, H, Lq, nb, dtype=dtype, seed=4),
+        randn(B, H, Lk, nb + 2, dtype=dtype, seed=5),
+        randn(1, H, 1, nb, dtype=dtype, seed=6).expand(B, H, Lq, nb),  # stride-0 dims, as bias-mode tables come
+    ]
+    indices = [make_index(Lq, Lk, nb, "cpu"), make_index(Lk, Lq, nb + 2, "cpu"), make_index(Lq, Lk, nb, "cpu")]
+    if requires_grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        tables = [t.detach().clone().requires_grad_() if i < 2 else t for i, t in enumerate(tables)]
+    return q, k, v, tables, indices, [False, True, False], 0.7
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rpe_attention_matches_its_definition(dtype) -> None:
+    q, k, v, tables, indices, transposed, scale = _attention_case(dtype=dtype, requires_grad=True)
+    out, lse = rpe_ops.rpe_attention(q, k, v, tables, indices, transposed, scale)
+    ref, ref_lse = _reference_attention(q, k, v, tables, indices, transposed, scale)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(lse, ref_lse.detach(), **tol)
+    leaves = [q, k, v, tables[0], tables[1]]
+    grad = randn(*out.shape, dtype=dtype)
+    for g, r in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(g, r, **tol)
+
+
+@needs_ops
+def test_rpe_attention_gradcheck_and_opcheck() -> None:
+    q, k, v, tables, indices, transposed, scale = _attention_case(Lq=4, Lk=5, nb=3, requires_grad=True)
+
+    def fn(q, k, v, t0, t1):
+        return rpe_ops.rpe_attention(q, k, v, [t0, t1, tables[2]], indices, transposed, scale)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, tables[0], tables[1]))
+    flags = [int(t) for t in transposed]
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, tables, indices, flags, scale))
+
+
+@needs_ops
+def test_rpe_attention_empty_and_termless() -> None:
+    q, k, v = randn(2, 1, 3, 4), randn(2, 1, 5, 4), randn(2, 1, 5, 2)
+    out, _ = rpe_ops.rpe_attention(q, k, v, [], [], [], 0.5)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.5), rtol=1e-6, atol=1e-6)
+    out, lse = rpe_ops.rpe_attention(q[:0], k[:0], v[:0], [], [], [], 0.5)
+    assert out.shape == (0, 1, 3, 2) and lse.shape == (0, 1, 3)
+
+
+@needs_ops
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.update(q=a["q"].half()), "expected q, k, v of one dtype"),
+        (lambda a: a.update(q=a["q"].half(), k=a["k"].half(), v=a["v"].half()), "expected float32 or float64"),
+        (lambda a: a.update(k=a["k"][:, :, :, :3]), r"expected q \(B, H, Lq, d\) and k \(B, H, Lk, d\)"),
+        (lambda a: a.update(v=a["v"][:, :, :4]), r"expected v \(B, H, Lk, dv\)"),
+        (lambda a: a.update(transposed=[0]), "expected as many tables, indices and transposed flags"),
+        (
+            lambda a: a["tables"].__setitem__(0, a["tables"][0][:1]),
+            r"term 0: expected a table of shape \(2, 3, 7, nb\)",
+        ),
+        (lambda a: a["indices"].__setitem__(1, a["indices"][1].t()), r"term 1: expected bucket ids of shape \(9, 7\)"),
+        (lambda a: a["indices"].__setitem__(0, a["indices"][0] + 5), r"bucket ids must lie in \[0, 5\)"),
+        (lambda a: a["indices"].__setitem__(0, a["indices"][0].float()), "expected int64 or int32 bucket ids"),
+    ],
+)
+def test_rpe_attention_errors(mutate, message) -> None:
+    q, k, v, tables, indices, transposed, scale = _attention_case()
+    args = dict(q=q, k=k, v=v, tables=tables, indices=indices, transposed=[int(t) for t in transposed])
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.rpe_ops.rpe_attention(**args, scale=scale)

@@ -291,7 +291,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=list(CPU_TARGETS),
         help="iRPE models to measure (each against timm's plain DeiT of its size)",
     )
-    parser.add_argument("--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex")
+    parser.add_argument(
+        "--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex ops"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch-size", type=int, default=8)
