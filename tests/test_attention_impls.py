@@ -10,6 +10,7 @@ import irpe
 import rpe_models  # noqa: F401  (registers the models)
 import rpe_vision_transformer as rvt
 
+OPS_KERNEL = irpe._ops_attention_usable(torch.device("cpu"))[0]
 SMALL = dict(img_size=32, depth=2, num_classes=5)
 
 
@@ -32,16 +33,7 @@ def _logits_and_grads(model, images):
 
 @pytest.mark.parametrize(
     "impl",
-    [
-        "sdpa",
-        "auto",
-        pytest.param(
-            "ops",
-            marks=pytest.mark.skipif(
-                not irpe.resolve_attn_impl("auto", False, 0.0, torch.device("cpu")) == "ops", reason="rpe_ops not built"
-            ),
-        ),
-    ],
+    ["sdpa", "auto", pytest.param("ops", marks=pytest.mark.skipif(not OPS_KERNEL, reason="rpe_ops not built"))],
 )
 @pytest.mark.parametrize(
     "name",
