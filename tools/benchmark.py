@@ -9,7 +9,12 @@ before it (CPU: the process's peak resident set, reset through ``/proc/self/clea
 peak), i.e. activations, gradients and temporaries. On CPU, memory is measured in a child process run with a fixed
 glibc ``MALLOC_MMAP_THRESHOLD_``, so that every large tensor is mapped on allocation and returned on free (otherwise
 glibc keeps freed memory resident and the resident set stops following what is in use); times are measured in the
-parent, with the allocator's default behaviour that training runs get.
+parent. On CPU the whole run re-executes itself, by default, with glibc told to keep freed memory mapped
+(``--malloc keep``: ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` high), as PyTorch's CUDA caching
+allocator, jemalloc or tcmalloc would: with glibc's defaults, whether a step's activations page-fault afresh depends
+on what the other model freed before it (on a 2-core VM, 0 to 115k minor faults, up to ~0.5 s, per step of either
+model), which swamps the few percent being measured. ``--malloc default`` times with glibc's defaults; the table
+reports the median minor page faults per train step either way.
 
 Examples:
     python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
@@ -24,6 +29,7 @@ import gc
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +57,8 @@ CUDA_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
     "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.90, 1.10, None),
 }
 MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
+# --malloc keep: allocations up to glibc's largest mmap threshold (32 MiB) come from the heap, which is never trimmed
+KEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 PLAIN_FOR_SIZE = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
 
 
@@ -72,6 +80,8 @@ class Result:
     memory_ratio: float
     train_img_s: float = 0.0
     baseline_train_img_s: float = 0.0
+    train_faults: float = 0.0
+    baseline_train_faults: float = 0.0
     targets: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -175,10 +185,13 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
             runner.infer()
     train = {"ours": [], "plain": []}
     infer = {"ours": [], "plain": []}
+    faults = {"ours": [], "plain": []}
     for step in range(args.steps):
         pair = (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
         for key, runner in pair:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             train[key].append(runner.train_step())
+            faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         for key, runner in pair:
             infer[key].append(runner.infer())
     del ours, plain
@@ -202,6 +215,8 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
         memory_ratio=peak_ours / peak_plain if peak_plain > 0 else float("nan"),
         train_img_s=args.batch_size / train_ms * 1e3,
         baseline_train_img_s=args.batch_size / plain_train_ms * 1e3,
+        train_faults=statistics.median(faults["ours"]),
+        baseline_train_faults=statistics.median(faults["plain"]),
         targets=dict(zip(("train_ratio", "memory_ratio", "infer_ratio"), targets)),
     )
 
@@ -244,7 +259,8 @@ def measure_memory(model_name: str, impl: str, args: argparse.Namespace, device:
         "--memory-repeats",
         str(args.memory_repeats),
     ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    env = {k: v for k, v in os.environ.items() if k not in KEEP_MALLOC_ENV}
+    env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement failed:\n{result.stderr}")
@@ -262,14 +278,15 @@ def format_table(results: list[Result]) -> str:
     """Markdown table of the results, with a line per target."""
     lines = [
         "| model | attn | train ms | plain train ms | train ratio | img/s | infer ms | infer ratio "
-        "| peak MiB | plain peak MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak MiB | plain peak MiB | memory ratio | page faults/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.attn_impl} | {r.train_ms:.0f} | {r.baseline_train_ms:.0f} | {r.train_ratio:.3f} "
             f"| {r.train_img_s:.1f} | {r.infer_ms:.0f} | {r.infer_ratio:.3f} | {r.peak_mib:.0f} "
-            f"| {r.baseline_peak_mib:.0f} | {r.memory_ratio:.3f} |"
+            f"| {r.baseline_peak_mib:.0f} | {r.memory_ratio:.3f} "
+            f"| {r.train_faults:.0f} / {r.baseline_train_faults:.0f} |"
         )
     lines.append("")
     for r in results:
@@ -302,6 +319,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="measured (interleaved) steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=2, help="peak memory: the minimum of this many steps")
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="CPU: time with glibc keeping freed memory mapped (keep, default) or with glibc's defaults",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -310,6 +333,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
+    keep = device.type == "cpu" and args.malloc == "keep" and not args.memory_child
+    if keep and any(os.environ.get(k) != v for k, v in KEEP_MALLOC_ENV.items()):
+        # glibc reads these at start-up only: run again with them set
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(
+            sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **KEEP_MALLOC_ENV}
+        )
     if args.memory_child:
         torch.set_num_threads(args.threads)
         ours, plain = _peaks(args.models[0], args.impls[0], args, device)
@@ -334,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# {where}; batch {args.batch_size}, {args.input_size}px, AMP {args.amp_dtype}; "
             f"torch {torch.__version__}, timm {timm.__version__}; median of {args.steps} interleaved steps"
+            + (f"; malloc {args.malloc}" if device.type == "cpu" else "")
         )
         print(format_table(results))
     return 0
