@@ -149,27 +149,50 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
   return sum;
 }
 
-// row[j] = row[j] * scale + bias(i, j) for every term (gathers: not worth cloning).
+// row[j] = row[j] * scale + bias(i, j) for every term. Tables with contiguous buckets (the usual case) get their own
+// loops, which AVX2 turns into vector gathers.
 template <typename scalar_t>
-void add_bias_row(scalar_t* __restrict__ row, int64_t Lk, scalar_t scale, const std::vector<Term>& terms, int64_t b,
-                  int64_t h, int64_t i) {
+inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, scalar_t scale, const std::vector<Term>& terms,
+                              int64_t b, int64_t h, int64_t i) {
   for (int64_t j = 0; j < Lk; ++j) {
     row[j] *= scale;
   }
   for (const Term& t : terms) {
     const scalar_t* base = static_cast<const scalar_t*>(t.table) + b * t.sb + h * t.sh;
     const int32_t* __restrict__ ix = t.ids + i * Lk;
+    const int64_t sr = t.sr, sn = t.sn;
     if (t.transposed) {
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] += base[j * t.sr + ix[j] * t.sn];
+      if (sn == 1) {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] += base[j * sr + ix[j]];
+        }
+      } else {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] += base[j * sr + ix[j] * sn];
+        }
       }
     } else {
-      const scalar_t* __restrict__ trow = base + i * t.sr;
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] += trow[ix[j] * t.sn];
+      const scalar_t* __restrict__ trow = base + i * sr;
+      if (sn == 1) {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] += trow[ix[j]];
+        }
+      } else {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] += trow[ix[j] * sn];
+        }
       }
     }
   }
+}
+
+RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, float scale, const std::vector<Term>& terms, int64_t b,
+                                 int64_t h, int64_t i) {
+  add_bias_row_impl(row, Lk, scale, terms, b, h, i);
+}
+void add_bias_row(double* row, int64_t Lk, double scale, const std::vector<Term>& terms, int64_t b, int64_t h,
+                  int64_t i) {
+  add_bias_row_impl(row, Lk, scale, terms, b, h, i);
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
