@@ -6,6 +6,7 @@ is skipped, with that reason, without it. CUDA cases are marked `cuda` (skipped 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -482,3 +483,26 @@ def test_rpe_attention_errors(mutate, message) -> None:
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.rpe_ops.rpe_attention(**args, scale=scale)
+
+
+@needs_ops
+def test_rpe_attention_without_direct_blas_calls() -> None:
+    # RPE_OPS_BLAS=0: the block products go through at::addmm_out instead of the BLAS symbol; same results.
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_rpe_ops import _attention_case, _reference_attention
+        import rpe_ops
+        q, k, v, tables, indices, transposed, scale = _attention_case(requires_grad=True)
+        out, _ = rpe_ops.rpe_attention(q, k, v, tables, indices, transposed, scale)
+        ref, _ = _reference_attention(q, k, v, tables, indices, transposed, scale)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "RPE_OPS_BLAS": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -32,6 +33,10 @@
 #include <vector>
 
 #include "rpe_ops.h"
+
+#ifdef __linux__
+#include <dlfcn.h>
+#endif
 
 // The element-wise loops are compiled for AVX2 as well as the baseline and picked at load time: a wheel built on one
 // machine still runs on an older one. Elsewhere the compiler's baseline vectorisation is used.
@@ -260,6 +265,92 @@ void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const std::vecto
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// Block products. Going through the dispatcher (at::addmm_out) costs microseconds per call, and the kernels make
+// five calls per block: when the BLAS that ATen itself uses exports its Fortran `sgemm_`/`dgemm_` (MKL in the x86
+// wheels), the products call it directly; otherwise they take at::addmm_out.
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                          const int*, const double*, const int*, const double*, double*, const int*);
+
+// RPE_OPS_BLAS=0 forces the dispatcher path (tests cover both).
+void* find_blas_symbol(const char* name) {
+  const char* env = std::getenv("RPE_OPS_BLAS");
+  if (env != nullptr && std::strcmp(env, "0") == 0) {
+    return nullptr;
+  }
+#ifdef __linux__
+  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  if (torch_cpu != nullptr) {
+    if (void* f = dlsym(torch_cpu, name)) {
+      return f;
+    }
+  }
+  return nullptr;
+#else
+  (void)name;
+  return nullptr;
+#endif
+}
+
+template <typename scalar_t>
+struct Blas;
+template <>
+struct Blas<float> {
+  static sgemm_fn get() {
+    static const auto f = reinterpret_cast<sgemm_fn>(find_blas_symbol("sgemm_"));
+    return f;
+  }
+};
+template <>
+struct Blas<double> {
+  static dgemm_fn get() {
+    static const auto f = reinterpret_cast<dgemm_fn>(find_blas_symbol("dgemm_"));
+    return f;
+  }
+};
+
+// How BLAS reads a row-major 2-D view: "N" with ld = row stride when rows are contiguous, "T" with ld = column
+// stride when columns are (a transposed view). Row-major x (r x c) read column-major is x^T.
+bool blas_operand(const at::Tensor& t, char& trans, int& ld) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= cols) {
+    trans = 'N';
+    ld = static_cast<int>(std::max<int64_t>(t.stride(0), 1));
+    return t.stride(0) < (int64_t{1} << 31);
+  }
+  if (t.stride(0) == 1 && t.stride(1) >= rows) {
+    trans = 'T';
+    ld = static_cast<int>(std::max<int64_t>(t.stride(1), 1));
+    return t.stride(1) < (int64_t{1} << 31);
+  }
+  return false;
+}
+
+// c = beta * c + alpha * a @ b for 2-D views (c: contiguous rows; with beta = 0, c is not read).
+template <typename scalar_t>
+void gemm_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  const auto f = Blas<scalar_t>::get();
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  char ta = 'N', tb = 'N';
+  int lda = 1, ldb = 1;
+  const bool direct = f != nullptr && m > 0 && n > 0 && k > 0 && std::max({m, n, k}) < (int64_t{1} << 31) &&
+                      c.stride(1) == 1 && c.stride(0) >= n && c.stride(0) < (int64_t{1} << 31) &&
+                      blas_operand(a, ta, lda) && blas_operand(b, tb, ldb);
+  if (!direct) {
+    at::addmm_out(c, c, a, b, beta, alpha);
+    return;
+  }
+  // column-major c^T (n x m) = b^T a^T: b goes first
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int ldc = static_cast<int>(c.stride(0));
+  const auto alpha_ = static_cast<scalar_t>(alpha), beta_ = static_cast<scalar_t>(beta);
+  f(&tb, &ta, &ni, &mi, &ki, &alpha_, b.const_data_ptr<scalar_t>(), &ldb, a.const_data_ptr<scalar_t>(), &lda, &beta_,
+    c.mutable_data_ptr<scalar_t>(), &ldc);
+}
+
 int64_t block_rows(int64_t Lq, int64_t Lk) {
   return std::max<int64_t>(1, std::min<int64_t>(Lq, kBlockElements / std::max<int64_t>(Lk, 1)));
 }
@@ -364,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
         for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
           const int64_t n = std::min(rows_per_block, Lq - i0);
           at::Tensor blk = block.narrow(0, 0, n);
-          at::mm_out(blk, qm.narrow(0, i0, n), km_t);
+          gemm_into<scalar_t>(blk, qm.narrow(0, i0, n), km_t, 0, 1);
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
             add_bias_row(row, Lk, s, terms, b, h, i0 + r);
@@ -374,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
             lse_row[i0 + r] = m + std::log(sum);
           }
           at::Tensor o = om.narrow(0, i0, n);
-          at::mm_out(o, blk, vm);
+          gemm_into<scalar_t>(o, blk, vm, 0, 1);
         }
       }
     });
@@ -434,14 +525,14 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
             const int64_t n = std::min(rows_per_block, Lq - i0);
             at::Tensor p = probs_buf.narrow(0, 0, n), g = grad_buf.narrow(0, 0, n);
             const at::Tensor qb = qm.narrow(0, i0, n), gb = gm.narrow(0, i0, n);
-            at::mm_out(p, qb, km.t());
+            gemm_into<scalar_t>(p, qb, km.t(), 0, 1);
             for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
               scalar_t* row = probs + r * Lk;
               add_bias_row(row, Lk, s, terms, b, h, i0 + r);
               exp_shift_sum(row, Lk, lse_row[i0 + r]);
             }
-            at::addmm_out(dvm, dvm, p.t(), gb);  // dV += P^T dO
-            at::mm_out(g, gb, vm.t());           // dP = dO V^T
+            gemm_into<scalar_t>(dvm, p.t(), gb, 1, 1);  // dV += P^T dO
+            gemm_into<scalar_t>(g, gb, vm.t(), 0, 1);   // dP = dO V^T
             for (int64_t r = 0; r < n; ++r) {
               const int64_t i = i0 + r;
               scalar_t* row = grads_ + r * Lk;
@@ -452,8 +543,8 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               bucket_sum_row(row, Lk, terms, bh, i);
             }
             at::Tensor dqb = dqm.narrow(0, i0, n);
-            at::addmm_out(dqb, dqb, g, km, /*beta=*/0, /*alpha=*/scale);  // dQ = scale dS K
-            at::addmm_out(dkm, dkm, g.t(), qb, /*beta=*/1, /*alpha=*/scale);  // dK += scale dS^T Q
+            gemm_into<scalar_t>(dqb, g, km, /*beta=*/0, /*alpha=*/scale);      // dQ = scale dS K
+            gemm_into<scalar_t>(dkm, g.t(), qb, /*beta=*/1, /*alpha=*/scale);  // dK += scale dS^T Q
           }
         }
       });
