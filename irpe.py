@@ -910,66 +910,6 @@ class _RPEBiasAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, *grad_weights, *([None] * n)
 
 
-class _RPEKernelAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale + bias) @ v`` with the iRPE bias, in the fused CPU kernel of ``rpe_ops``.
-
-    The kernel looks the bias up from the small ``(B, H, L, nb)`` tables inside cache-sized blocks of query rows and
-    keeps only the rows' log-sum-exp for backward. The tables themselves are recomputed in backward rather than
-    saved (``q @ W``: cheap), so the memory kept between the passes is that of plain fused attention plus
-    ``(B, H, L)`` log-sum-exps.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], *weights_and_indices):
-        n = len(kinds)
-        weights, indices = weights_and_indices[:n], weights_and_indices[n:]
-        terms = [FusedTerm(w, i, *kind) for w, i, kind in zip(weights, indices, kinds)]
-        out, lse = _rpe_ops.rpe_attention(
-            q, k, v, _kernel_tables(terms, q, k, scale), indices, [t.is_query for t in terms], scale
-        )
-        ctx.save_for_backward(q, k, v, lse, *weights, *indices)
-        ctx.scale, ctx.kinds = scale, kinds
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, lse, *saved = ctx.saved_tensors
-        n = len(ctx.kinds)
-        terms = [FusedTerm(w.to(q.dtype), i, *kind) for w, i, kind in zip(saved[:n], saved[n:], ctx.kinds)]
-        scale = ctx.scale
-        dq, dk, dv, *grad_tables = torch.ops.rpe_ops.rpe_attention_backward.default(
-            grad_out,
-            q,
-            k,
-            v,
-            lse,
-            _kernel_tables(terms, q, k, scale),
-            list(saved[n:]),
-            [int(t.is_query) for t in terms],
-            scale,
-        )
-        grad_weights = []
-        for term, grad_table, weight in zip(terms, grad_tables, saved[:n]):
-            grad_weight = torch.zeros_like(term.weight)
-            dx = _table_backward(term, grad_table, k if term.is_query else q, scale, grad_weight)
-            if dx is not None:
-                (dk if term.is_query else dq).add_(dx)
-            grad_weights.append(grad_weight.to(weight.dtype))
-        return dq, dk, dv, None, None, *grad_weights, *([None] * n)
-
-
-def _kernel_tables(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> list[torch.Tensor]:
-    """The terms' tables in the ``(B, H, L, nb)`` shape the kernel reads (broadcast dims as stride-0 views)."""
-    B, H = q.shape[:2]
-    tables = []
-    with torch.no_grad():
-        for term in terms:
-            table = _term_table(term, q, k, scale)  # (B|1, H|1, L, nb)
-            tables.append(table.expand(B, H, *table.shape[2:]))
-    return tables
-
-
 def _flex_attention_fn(device: torch.device):
     """FlexAttention, compiled once per process on CUDA (it is only fast compiled); eager elsewhere."""
     try:
@@ -1012,7 +952,7 @@ def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
     if _rpe_ops is None:
         return False, f"the compiled rpe_ops are unavailable ({_rpe_ops_error}); {_BUILD_HINT}"
     if not _rpe_ops.has_attention_kernel():
-        return False, f"the loaded rpe_ops predate the attention kernel; rebuild them: {_BUILD_HINT}"
+        return False, f"the loaded rpe_ops predate the current attention kernel; rebuild them: {_BUILD_HINT}"
     return True, ""
 
 
@@ -1043,13 +983,22 @@ def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torc
 
 
 def _ops_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
-    """The fused CPU kernel; half types run it in float32 (as PyTorch's CPU attention accumulates)."""
+    """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights and computes their tables itself, one
+    ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)`` log-sum-exps is kept
+    for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32 (as PyTorch's CPU
+    attention accumulates); autograd goes through the op's registered backward."""
     dtype = q.dtype
     work = _work_dtype(dtype)
-    kinds = tuple((term.is_bias, term.is_query) for term in terms)
-    weights, indices = [term.weight for term in terms], [term.index for term in terms]
     with _autocast_disabled(q.device.type):
-        out = _RPEKernelAttention.apply(q.to(work), k.to(work), v.to(work), scale, kinds, *weights, *indices)
+        out, _ = _rpe_ops.rpe_attention(
+            q.to(work),
+            k.to(work),
+            v.to(work),
+            [term.weight.to(work) for term in terms],
+            [term.index for term in terms],
+            [term.is_query for term in terms],
+            scale,
+        )
     return out.to(dtype)
 
 
@@ -1080,7 +1029,8 @@ def rpe_attention(
         scale: logit scale, ``head_dim ** -0.5`` by default.
         dropout_p: attention dropout probability (pass 0 in eval mode).
         impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward) or
-            ``'flex'`` (FlexAttention with a ``score_mod``; compiled on CUDA).
+            ``'flex'`` (FlexAttention with a ``score_mod``; compiled on CUDA) or ``'ops'`` (the fused CPU kernel of
+            ``rpe_ops``).
 
     Returns:
         ``(B, H, L, head_dim)``.

@@ -67,8 +67,11 @@ def has_cuda_kernels() -> bool:
 
 
 def has_attention_kernel() -> bool:
-    """True when the loaded library holds the fused CPU attention kernel (`rpe_ops::rpe_attention`)."""
-    return is_available() and hasattr(torch.ops.rpe_ops, "rpe_attention")
+    """True when the loaded library holds the fused CPU attention kernel (`rpe_ops::rpe_attention`) in its current
+    form, which takes the encodings' weights (a library built before that took per-row tables: rebuild it)."""
+    if not is_available() or not hasattr(torch.ops.rpe_ops, "rpe_attention"):
+        return False
+    return [a.name for a in torch.ops.rpe_ops.rpe_attention.default._schema.arguments][3] == "weights"
 
 
 def load_error() -> str | None:
@@ -136,33 +139,36 @@ def rpe_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    tables: Sequence[Tensor],
+    weights: Sequence[Tensor],
     indices: Sequence[Tensor],
     transposed: Sequence[bool],
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """`softmax(scale * q @ k^T + bias) @ v` with the iRPE bias looked up inside one CPU kernel.
+    """`softmax(scale * q @ k^T + bias) @ v` with the iRPE bias computed and looked up inside one CPU kernel.
 
-    `bias[b,h,i,j]` sums, over the terms t, `tables[t][b,h,i,indices[t][i,j]]` (a term on keys) or, for a transposed
-    term (on queries), `tables[t][b,h,j,indices[t][j,i]]`. No (B, H, Lq, Lk) tensor is ever allocated: the kernel
-    works on cache-sized blocks of query rows, and its backward recomputes them from the returned log-sum-exp.
+    Each term t has a per-row table: `scale * q[b,h] @ weights[t][h]` for a contextual weight `(Hw, d, nb)`, the row
+    `weights[t][h]` for a bias weight `(Hw, nb)` (`Hw = 1`: shared by the heads). A term on keys adds
+    `table[b,h,i,indices[t][i,j]]` to logit `(i, j)`; a transposed term (on queries) has its table from `k` and adds
+    `table[b,h,j,indices[t][j,i]]`. Neither the tables nor any (B, H, Lq, Lk) tensor is ever allocated: the kernel
+    computes one (b, h)'s tables in a small buffer and works on cache-sized blocks of its query rows; the backward
+    recomputes both from the returned log-sum-exp and gives the weights' gradients directly.
 
     Args:
-        q: Queries (B, H, Lq, d), float32 or float64 (cast half types first), CPU.
+        q: Queries (B, H, Lq, d), float32 or float64 (cast half types first), CPU; any strides with a contiguous
+            last dim are read in place.
         k: Keys (B, H, Lk, d); v: values (B, H, Lk, dv), same dtype.
-        tables: Per-row bucket values, (B, H, Lq, nb_t) for a term on keys, (B, H, Lk, nb_t) for a transposed term;
-            broadcast dims may be expanded views (stride 0).
+        weights: One per term: `(Hw, d, nb_t)` (contextual) or `(Hw, nb_t)` (bias), `Hw` 1 or H, dtype of q.
         indices: Bucket ids (Lq, Lk) or, transposed, (Lk, Lq); int64 or int32, values in [0, nb_t).
         transposed: One flag per term.
-        scale: Factor of `q @ k^T`.
+        scale: Factor of `q @ k^T` and of the contextual tables.
 
     Returns:
-        `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and the tables, `lse` (the
+        `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and the weights, `lse` (the
         rows' log-sum-exp, kept for backward) is not.
     """
     _require()
     flags = [int(bool(t)) for t in transposed]
-    return torch.ops.rpe_ops.rpe_attention.default(q, k, v, list(tables), list(indices), flags, float(scale))
+    return torch.ops.rpe_ops.rpe_attention.default(q, k, v, list(weights), list(indices), flags, float(scale))
 
 
 def _check_fake_args(op: str, input: Tensor, index: Tensor) -> None:
@@ -207,25 +213,25 @@ def _rpe_bucket_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Non
     return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
 
 
-def _rpe_attention_fake(q, k, v, tables, indices, transposed, scale):
+def _rpe_attention_fake(q, k, v, weights, indices, transposed, scale):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "rpe_ops::rpe_attention: expected 4-D q, k, v")
     torch._check(
-        len(tables) == len(indices) == len(transposed),
-        lambda: "rpe_ops::rpe_attention: expected as many tables, indices and transposed flags",
+        len(weights) == len(indices) == len(transposed),
+        lambda: "rpe_ops::rpe_attention: expected as many weights, indices and transposed flags",
     )
     # (B, Lq, H, dv) in memory, as the kernel (and PyTorch's fused attention) lays it out
     out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3])).permute(0, 2, 1, 3)
     return out, q.new_empty((q.shape[0], q.shape[1], q.shape[2]))
 
 
-def _rpe_attention_backward_fake(grad_out, q, k, v, lse, tables, indices, transposed, scale):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [t.new_empty(t.shape) for t in tables]
+def _rpe_attention_backward_fake(grad_out, q, k, v, lse, weights, indices, transposed, scale):
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [w.new_empty(w.shape) for w in weights]
 
 
 def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, tables, indices, transposed, scale = inputs
+    q, k, v, weights, indices, transposed, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, lse, *tables, *indices)
+    ctx.save_for_backward(q, k, v, lse, *weights, *indices)
     ctx.transposed, ctx.scale = transposed, scale
     ctx.mark_non_differentiable(lse)
 
@@ -233,11 +239,13 @@ def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tupl
 def _rpe_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
     q, k, v, lse, *rest = ctx.saved_tensors
     n = len(ctx.transposed)
-    tables, indices = rest[:n], rest[n:]
-    dq, dk, dv, *dtables = torch.ops.rpe_ops.rpe_attention_backward.default(
-        grad_out, q, k, v, lse, tables, indices, ctx.transposed, ctx.scale
+    weights, indices = rest[:n], rest[n:]
+    dq, dk, dv, *dweights = torch.ops.rpe_ops.rpe_attention_backward.default(
+        grad_out, q, k, v, lse, weights, indices, ctx.transposed, ctx.scale
     )
-    return dq, dk, dv, dtables, [None] * n, None, None
+    # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
+    no_grad_flags = None if ctx.transposed else []
+    return dq, dk, dv, dweights, [None] * n, no_grad_flags, None
 
 
 def _register_python_parts() -> None:
@@ -248,7 +256,7 @@ def _register_python_parts() -> None:
     torch.library.register_autograd(
         "rpe_ops::rpe_bucket_sum", _rpe_bucket_sum_backward, setup_context=_rpe_bucket_sum_setup_context
     )
-    if hasattr(torch.ops.rpe_ops, "rpe_attention"):
+    if has_attention_kernel():
         torch.library.register_fake("rpe_ops::rpe_attention")(_rpe_attention_fake)
         torch.library.register_fake("rpe_ops::rpe_attention_backward")(_rpe_attention_backward_fake)
         torch.library.register_autograd(

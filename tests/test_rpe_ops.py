@@ -395,66 +395,99 @@ def test_torch_compile_fullgraph_inductor() -> None:
 # rpe_attention: the fused CPU attention kernel
 
 
-def _reference_attention(q, k, v, tables, indices, transposed, scale):
-    """softmax(scale q k^T + bias) @ v with the bias gathered explicitly (the definition the kernel implements)."""
+def _reference_attention(q, k, v, weights, indices, transposed, scale):
+    """softmax(scale q k^T + bias) @ v with the tables and the bias built explicitly (the op's definition)."""
+    B, H = q.shape[:2]
     logits = scale * q @ k.transpose(-2, -1)
-    for table, index, tr in zip(tables, indices, transposed):
+    for weight, index, tr in zip(weights, indices, transposed):
+        x = k if tr else q
+        if weight.dim() == 3:  # contextual (Hw, d, nb): scale * x @ W per head
+            table = scale * x @ weight
+        else:  # bias (Hw, nb): the head's row on every row
+            table = weight[None, :, None, :].expand(B, H, x.size(2), weight.size(-1))
         rows, cols = index.shape
-        gathered = table.gather(3, index.reshape(1, 1, rows, cols).expand(*table.shape[:2], rows, cols))
+        gathered = table.gather(3, index.reshape(1, 1, rows, cols).expand(B, H, rows, cols))
         logits = logits + (gathered.transpose(2, 3) if tr else gathered)
     probs = logits.softmax(-1)
     return probs @ v, logits.logsumexp(-1)
 
 
 def _attention_case(Lq: int = 7, Lk: int = 9, nb: int = 5, dtype=torch.float64, requires_grad: bool = False):
-    """Queries and keys of different lengths, one term on keys, one transposed term, one broadcast (bias) table."""
+    """Queries and keys of different lengths and every kind of term: contextual and bias, on keys and transposed,
+    per head and shared by the heads."""
     B, H, d, dv = 2, 3, 4, 6
     q = randn(B, H, Lq, d, dtype=dtype, seed=1)
     k, v = randn(B, H, Lk, d, dtype=dtype, seed=2), randn(B, H, Lk, dv, dtype=dtype, seed=3)
-    tables = [
-        randn(B, H, Lq, nb, dtype=dtype, seed=4),
-        randn(B, H, Lk, nb + 2, dtype=dtype, seed=5),
-        randn(1, H, 1, nb, dtype=dtype, seed=6).expand(B, H, Lq, nb),  # stride-0 dims, as bias-mode tables come
+    weights = [
+        randn(H, d, nb, dtype=dtype, seed=4),  # contextual, on keys, per head
+        randn(1, d, nb + 2, dtype=dtype, seed=5),  # contextual, transposed, shared
+        randn(1, nb, dtype=dtype, seed=6),  # bias, on keys, shared
+        randn(H, nb + 1, dtype=dtype, seed=7),  # bias, transposed, per head
     ]
-    indices = [make_index(Lq, Lk, nb, "cpu"), make_index(Lk, Lq, nb + 2, "cpu"), make_index(Lq, Lk, nb, "cpu")]
+    indices = [
+        make_index(Lq, Lk, nb, "cpu"),
+        make_index(Lk, Lq, nb + 2, "cpu"),
+        make_index(Lq, Lk, nb, "cpu"),
+        make_index(Lk, Lq, nb + 1, "cpu"),
+    ]
     if requires_grad:
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        tables = [t.detach().clone().requires_grad_() if i < 2 else t for i, t in enumerate(tables)]
-    return q, k, v, tables, indices, [False, True, False], 0.7
+        q, k, v, *weights = (t.requires_grad_() for t in (q, k, v, *weights))
+    return q, k, v, weights, indices, [False, True, False, True], 0.7
 
 
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rpe_attention_matches_its_definition(dtype) -> None:
-    q, k, v, tables, indices, transposed, scale = _attention_case(dtype=dtype, requires_grad=True)
-    out, lse = rpe_ops.rpe_attention(q, k, v, tables, indices, transposed, scale)
-    ref, ref_lse = _reference_attention(q, k, v, tables, indices, transposed, scale)
+    q, k, v, weights, indices, transposed, scale = _attention_case(dtype=dtype, requires_grad=True)
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)
+    ref, ref_lse = _reference_attention(q, k, v, weights, indices, transposed, scale)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(lse, ref_lse.detach(), **tol)
-    leaves = [q, k, v, tables[0], tables[1]]
+    leaves = [q, k, v, *weights]
     grad = randn(*out.shape, dtype=dtype)
     for g, r in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(g, r, **tol)
 
 
 @needs_ops
+def test_rpe_attention_reads_strided_inputs_in_place() -> None:
+    # q, k, v as the models make them (views of one (B, L, 3, H, d) tensor): the kernel's raw-pointer products must
+    # follow the strides.
+    B, H, L, d, nb = 2, 3, 11, 4, 5
+    qkv = randn(B, L, 3, H, d, dtype=torch.float64, seed=8).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
+    weights = [randn(*shape, dtype=torch.float64, seed=9).requires_grad_() for shape in ((H, d, nb), (1, nb))]
+    indices = [make_index(L, L, nb, "cpu"), make_index(L, L, nb, "cpu")]
+    out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, [False, True], 0.5)
+    ref, _ = _reference_attention(q, k, v, weights, indices, [False, True], 0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    leaves = [q, k, v, *weights]
+    for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@needs_ops
 def test_rpe_attention_gradcheck_and_opcheck() -> None:
-    q, k, v, tables, indices, transposed, scale = _attention_case(Lq=4, Lk=5, nb=3, requires_grad=True)
+    q, k, v, weights, indices, transposed, scale = _attention_case(Lq=4, Lk=5, nb=3, requires_grad=True)
 
-    def fn(q, k, v, t0, t1):
-        return rpe_ops.rpe_attention(q, k, v, [t0, t1, tables[2]], indices, transposed, scale)[0]
+    def fn(q, k, v, *weights):
+        return rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)[0]
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, tables[0], tables[1]))
+    assert torch.autograd.gradcheck(fn, (q, k, v, *weights))
     flags = [int(t) for t in transposed]
-    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, tables, indices, flags, scale))
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, flags, scale))
 
 
 @needs_ops
 def test_rpe_attention_empty_and_termless() -> None:
-    q, k, v = randn(2, 1, 3, 4), randn(2, 1, 5, 4), randn(2, 1, 5, 2)
+    q, k, v = (randn(*shape).requires_grad_() for shape in ((2, 1, 3, 4), (2, 1, 5, 4), (2, 1, 5, 2)))
     out, _ = rpe_ops.rpe_attention(q, k, v, [], [], [], 0.5)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.5), rtol=1e-6, atol=1e-6)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    q, k, v = (t.detach() for t in (q, k, v))
     out, lse = rpe_ops.rpe_attention(q[:0], k[:0], v[:0], [], [], [], 0.5)
     assert out.shape == (0, 1, 3, 2) and lse.shape == (0, 1, 3)
 
@@ -467,19 +500,22 @@ def test_rpe_attention_empty_and_termless() -> None:
         (lambda a: a.update(q=a["q"].half(), k=a["k"].half(), v=a["v"].half()), "expected float32 or float64"),
         (lambda a: a.update(k=a["k"][:, :, :, :3]), r"expected q \(B, H, Lq, d\) and k \(B, H, Lk, d\)"),
         (lambda a: a.update(v=a["v"][:, :, :4]), r"expected v \(B, H, Lk, dv\)"),
-        (lambda a: a.update(transposed=[0]), "expected as many tables, indices and transposed flags"),
+        (lambda a: a.update(transposed=[0]), "expected as many weights, indices and transposed flags"),
         (
-            lambda a: a["tables"].__setitem__(0, a["tables"][0][:1]),
-            r"term 0: expected a table of shape \(2, 3, 7, nb\)",
+            lambda a: a["weights"].__setitem__(0, a["weights"][0][:2]),
+            r"term 0: expected a weight of shape \(Hw, nb\) \(bias\) or \(Hw, 4, nb\) \(contextual\) with Hw = 1 or 3",
         ),
+        (lambda a: a["weights"].__setitem__(1, a["weights"][1][:, :3]), r"term 1: expected a weight of shape"),
+        (lambda a: a["weights"].__setitem__(2, a["weights"][2][0]), r"term 2: expected a weight of shape"),
+        (lambda a: a["weights"].__setitem__(3, a["weights"][3].float()), "term 3: expected a Double weight"),
         (lambda a: a["indices"].__setitem__(1, a["indices"][1].t()), r"term 1: expected bucket ids of shape \(9, 7\)"),
         (lambda a: a["indices"].__setitem__(0, a["indices"][0] + 5), r"bucket ids must lie in \[0, 5\)"),
         (lambda a: a["indices"].__setitem__(0, a["indices"][0].float()), "expected int64 or int32 bucket ids"),
     ],
 )
 def test_rpe_attention_errors(mutate, message) -> None:
-    q, k, v, tables, indices, transposed, scale = _attention_case()
-    args = dict(q=q, k=k, v=v, tables=tables, indices=indices, transposed=[int(t) for t in transposed])
+    q, k, v, weights, indices, transposed, scale = _attention_case()
+    args = dict(q=q, k=k, v=v, weights=weights, indices=indices, transposed=[int(t) for t in transposed])
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.rpe_ops.rpe_attention(**args, scale=scale)
@@ -494,11 +530,12 @@ def test_rpe_attention_without_direct_blas_calls() -> None:
         sys.path.insert(0, "tests")
         from test_rpe_ops import _attention_case, _reference_attention
         import rpe_ops
-        q, k, v, tables, indices, transposed, scale = _attention_case(requires_grad=True)
-        out, _ = rpe_ops.rpe_attention(q, k, v, tables, indices, transposed, scale)
-        ref, _ = _reference_attention(q, k, v, tables, indices, transposed, scale)
+        q, k, v, weights, indices, transposed, scale = _attention_case(requires_grad=True)
+        out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)
+        ref, _ = _reference_attention(q, k, v, weights, indices, transposed, scale)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        leaves = (q, k, v, *weights)
+        for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
         print("ok")
         """

@@ -1,23 +1,27 @@
 // rpe_ops::rpe_attention / rpe_attention_backward: attention with iRPE logit terms in one CPU kernel.
 //
 //   logits[b,h,i,j] = scale * q[b,h,i] . k[b,h,j] + sum_t bias_t[b,h,i,j]
-//   bias_t[b,h,i,j] = table_t[b,h,i,index_t[i,j]]            (a term on keys: rows looked up with the queries)
-//                   = table_t[b,h,j,index_t[j,i]]            (a transposed term, on queries: looked up with the keys)
+//   bias_t[b,h,i,j] = table_t[b,h,i,index_t[i,j]]          (a term on keys: rows looked up with the queries)
+//                   = table_t[b,h,j,index_t[j,i]]          (a transposed term, on queries: looked up with the keys)
+//   table_t[b,h]    = scale * x[b,h] @ weight_t[h]         (contextual: x = q on keys, k transposed; (Hw, d, nb))
+//                   = weight_t[h] on every row             (bias: (Hw, nb));  Hw = 1 shares the weight across heads
 //   out = softmax(logits) @ v,  lse[b,h,i] = logsumexp_j logits[b,h,i,j]
 //
 // Why a kernel: the bias is what makes iRPE cost more than plain attention. Materialised, it and the probabilities
 // are (B, H, Lq, Lk) tensors streamed through memory several times per pass; PyTorch's fused CPU attention cannot
-// give the gradient of a bias. Here one task owns one (b, h) pair and walks its query rows in blocks whose logits
-// fit in the L2 cache: the bias is gathered from the small (Lq, nb) tables straight into the block, softmax runs on
-// it in place, and the backward recomputes the block from the saved log-sum-exp (as flash attention does), turns it
-// into the logits' gradient in place and sums that into the tables' buckets before the block leaves the cache.
-// Nothing (B, H, Lq, Lk) is ever allocated. The matrix products call ATen's mm (BLAS) on the block views.
+// give the gradient of a bias. Here one task owns one (b, h) pair: it computes that pair's small (L, nb) tables,
+// then walks its query rows in blocks whose logits fit in the L2 cache: the bias is gathered from the tables
+// straight into the block, softmax runs on it in place, and the backward recomputes the block from the saved
+// log-sum-exp (as flash attention does), turns it into the logits' gradient in place and sums that into the tables'
+// buckets before the block leaves the cache; the tables' gradients then give the weights' and q's or k's. Nothing
+// (B, H, Lq, Lk), and no table, is ever allocated, and the op's inputs are the encodings' weights themselves.
+// The matrix products call BLAS on raw (row-strided) matrices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/util/irange.h>
@@ -78,16 +82,18 @@ inline float exp_nonpositive(float x) {
   return p * pow2;
 }
 
-// One logit term as the kernels read it: table element (b, h, row, bucket) at b*sb + h*sh + row*sr + bucket*sn, the
-// bucket of logit (i, j) at ids[i * Lk + j] (ids already transposed for a transposed term, whose row is then j).
-struct Term {
-  const void* table;
-  int64_t sb, sh, sr, sn;
+// One logit term as the kernels read it, for the current (b, h): the bucket value of row r is rows[r * sr + bucket]
+// (sr = 0 for a bias, whose rows are all the weight's row), the bucket of logit (i, j) is ids[i * Lk + j] (ids
+// already transposed for a transposed term, whose row is then j). In the backward, grad (rows x nb, contiguous)
+// receives the bucket sums of the logits' gradient.
+template <typename scalar_t>
+struct TermView {
+  const scalar_t* rows;
+  int64_t sr;
   const int32_t* ids;
   bool transposed;
-  void* grad;  // (B, H, rows, nb) contiguous, or null in the forward
+  scalar_t* grad;
   int64_t nb;
-  int64_t grad_rows;
 };
 
 // Reductions over kLanes independent partial results: a plain `acc += x[j]` loop is a serial dependency the compiler
@@ -154,50 +160,37 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
   return sum;
 }
 
-// row[j] = row[j] * scale + bias(i, j) for every term. Tables with contiguous buckets (the usual case) get their own
-// loops, which AVX2 turns into vector gathers.
+// row[j] = row[j] * scale + bias(i, j) for every term (gathers that AVX2 turns into vector gathers).
 template <typename scalar_t>
-inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, scalar_t scale, const std::vector<Term>& terms,
-                              int64_t b, int64_t h, int64_t i) {
+inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, scalar_t scale,
+                              const TermView<scalar_t>* terms, int64_t n_terms, int64_t i) {
   for (int64_t j = 0; j < Lk; ++j) {
     row[j] *= scale;
   }
-  for (const Term& t : terms) {
-    const scalar_t* base = static_cast<const scalar_t*>(t.table) + b * t.sb + h * t.sh;
-    const int32_t* __restrict__ ix = t.ids + i * Lk;
-    const int64_t sr = t.sr, sn = t.sn;
-    if (t.transposed) {
-      if (sn == 1) {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] += base[j * sr + ix[j]];
-        }
-      } else {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] += base[j * sr + ix[j] * sn];
-        }
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const TermView<scalar_t>& term = terms[t];
+    const int32_t* __restrict__ ix = term.ids + i * Lk;
+    if (term.transposed) {
+      const scalar_t* __restrict__ base = term.rows;
+      const int64_t sr = term.sr;
+      for (int64_t j = 0; j < Lk; ++j) {
+        row[j] += base[j * sr + ix[j]];
       }
     } else {
-      const scalar_t* __restrict__ trow = base + i * sr;
-      if (sn == 1) {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] += trow[ix[j]];
-        }
-      } else {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] += trow[ix[j] * sn];
-        }
+      const scalar_t* __restrict__ trow = term.rows + i * term.sr;
+      for (int64_t j = 0; j < Lk; ++j) {
+        row[j] += trow[ix[j]];
       }
     }
   }
 }
 
-RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, float scale, const std::vector<Term>& terms, int64_t b,
-                                 int64_t h, int64_t i) {
-  add_bias_row_impl(row, Lk, scale, terms, b, h, i);
+RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, float scale, const TermView<float>* terms, int64_t n_terms,
+                                 int64_t i) {
+  add_bias_row_impl(row, Lk, scale, terms, n_terms, i);
 }
-void add_bias_row(double* row, int64_t Lk, double scale, const std::vector<Term>& terms, int64_t b, int64_t h,
-                  int64_t i) {
-  add_bias_row_impl(row, Lk, scale, terms, b, h, i);
+void add_bias_row(double* row, int64_t Lk, double scale, const TermView<double>* terms, int64_t n_terms, int64_t i) {
+  add_bias_row_impl(row, Lk, scale, terms, n_terms, i);
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
@@ -245,22 +238,38 @@ inline void scale_row_impl(scalar_t* __restrict__ row, int64_t n, scalar_t facto
 RPE_OPS_CLONES void scale_row(float* row, int64_t n, float factor) { scale_row_impl(row, n, factor); }
 void scale_row(double* row, int64_t n, double factor) { scale_row_impl(row, n, factor); }
 
-// Sums the logits' gradient of row i into the buckets of every term.
+// Scatter-adds go to kCopies interleaved copies of a row's buckets: neighbouring keys often share a bucket, and with
+// a single copy their read-modify-writes would chain through memory (a store-to-load stall each).
+constexpr int64_t kCopies = 4;
+
+// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
 template <typename scalar_t>
-void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const std::vector<Term>& terms, int64_t bh,
-                    int64_t i) {
-  for (const Term& t : terms) {
-    scalar_t* base = static_cast<scalar_t*>(t.grad) + bh * t.grad_rows * t.nb;
-    const int32_t* __restrict__ ix = t.ids + i * Lk;
-    if (t.transposed) {
+void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
+                    int64_t i, scalar_t* __restrict__ scratch) {
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const TermView<scalar_t>& term = terms[t];
+    const int32_t* __restrict__ ix = term.ids + i * Lk;
+    const int64_t nb = term.nb;
+    if (term.transposed) {  // every key j updates a row of its own: no two updates meet
+      scalar_t* __restrict__ base = term.grad;
       for (int64_t j = 0; j < Lk; ++j) {
-        base[j * t.nb + ix[j]] += g[j];
+        base[j * nb + ix[j]] += g[j];
       }
-    } else {
-      scalar_t* __restrict__ grow = base + i * t.nb;
-      for (int64_t j = 0; j < Lk; ++j) {
-        grow[ix[j]] += g[j];
+      continue;
+    }
+    std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
+    int64_t j = 0;
+    for (; j + kCopies <= Lk; j += kCopies) {
+      for (int64_t c = 0; c < kCopies; ++c) {
+        scratch[c * nb + ix[j + c]] += g[j + c];
       }
+    }
+    for (; j < Lk; ++j) {
+      scratch[ix[j]] += g[j];
+    }
+    scalar_t* __restrict__ grow = term.grad + i * nb;
+    for (int64_t n = 0; n < nb; ++n) {
+      grow[n] += (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
     }
   }
 }
@@ -312,43 +321,42 @@ struct Blas<double> {
   }
 };
 
-// How BLAS reads a row-major 2-D view: "N" with ld = row stride when rows are contiguous, "T" with ld = column
-// stride when columns are (a transposed view). Row-major x (r x c) read column-major is x^T.
-bool blas_operand(const at::Tensor& t, char& trans, int& ld) {
-  const int64_t rows = t.size(0), cols = t.size(1);
-  if (t.stride(1) == 1 && t.stride(0) >= cols) {
-    trans = 'N';
-    ld = static_cast<int>(std::max<int64_t>(t.stride(0), 1));
-    return t.stride(0) < (int64_t{1} << 31);
-  }
-  if (t.stride(0) == 1 && t.stride(1) >= rows) {
-    trans = 'T';
-    ld = static_cast<int>(std::max<int64_t>(t.stride(1), 1));
-    return t.stride(1) < (int64_t{1} << 31);
-  }
-  return false;
-}
-
-// c = beta * c + alpha * a @ b for 2-D views (c: contiguous rows; with beta = 0, c is not read).
+// c (m x n) = beta * c + alpha * op(a) @ op(b) on row-major matrices with row strides lda, ldb, ldc: op(a) is a
+// (m x k) or, with ta, the transpose of a stored (k x m); likewise op(b) (k x n). With beta = 0, c is not read.
 template <typename scalar_t>
-void gemm_into(at::Tensor c, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
-  const auto f = Blas<scalar_t>::get();
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  char ta = 'N', tb = 'N';
-  int lda = 1, ldb = 1;
-  const bool direct = f != nullptr && m > 0 && n > 0 && k > 0 && std::max({m, n, k}) < (int64_t{1} << 31) &&
-                      c.stride(1) == 1 && c.stride(0) >= n && c.stride(0) < (int64_t{1} << 31) &&
-                      blas_operand(a, ta, lda) && blas_operand(b, tb, ldb);
-  if (!direct) {
-    at::addmm_out(c, c, a, b, beta, alpha);
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
+          const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  if (m == 0 || n == 0) {
     return;
   }
-  // column-major c^T (n x m) = b^T a^T: b goes first
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const int ldc = static_cast<int>(c.stride(0));
-  const auto alpha_ = static_cast<scalar_t>(alpha), beta_ = static_cast<scalar_t>(beta);
-  f(&tb, &ta, &ni, &mi, &ki, &alpha_, b.const_data_ptr<scalar_t>(), &ldb, a.const_data_ptr<scalar_t>(), &lda, &beta_,
-    c.mutable_data_ptr<scalar_t>(), &ldc);
+  if (k == 0) {  // no products: c = beta * c
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t col = 0; col < n; ++col) {
+        c[r * ldc + col] = beta == scalar_t(0) ? scalar_t(0) : beta * c[r * ldc + col];
+      }
+    }
+    return;
+  }
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  const auto f = Blas<scalar_t>::get();
+  // Column-major BLAS sees the row-major c as c^T = op(b)^T op(a)^T, so b goes first; each ld must cover the stored
+  // matrix's row (an ld left over from a size-1 dim may not), or the call takes the dispatcher instead.
+  const bool direct = f != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kIntMax && ldc >= n &&
+                      lda >= (ta ? m : k) && ldb >= (tb ? k : n);
+  if (direct) {
+    const char transa = tb ? 'T' : 'N', transb = ta ? 'T' : 'N';
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
+    f(&transa, &transb, &mi, &ni, &ki, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
+    return;
+  }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols},
+                         trans ? at::IntArrayRef({1, ld}) : at::IntArrayRef({ld, 1}), options);
+  };
+  at::Tensor out = view(c, m, n, ldc, false);
+  at::addmm_out(out, out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, alpha);
 }
 
 int64_t block_rows(int64_t Lq, int64_t Lk) {
@@ -357,6 +365,19 @@ int64_t block_rows(int64_t Lq, int64_t Lk) {
 
 // q, k, v, ... as matrices of one (b, h): their last dim must be contiguous for the BLAS calls.
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// The (Lq x d)-style matrix of one (b, h) of a (B, H, L, d) tensor with a contiguous last dim.
+template <typename scalar_t>
+struct Mat {
+  scalar_t* p;
+  int64_t ld;
+  scalar_t* row(int64_t r) const { return p + r * ld; }
+};
+
+template <typename scalar_t>
+Mat<scalar_t> mat(const at::Tensor& t, int64_t b, int64_t h) {
+  return {static_cast<scalar_t*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
@@ -375,61 +396,101 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               ": expected v (B, H, Lk, dv) with k (B, H, Lk, d), got ", v.sizes(), " and ", k.sizes());
 }
 
-// Validates the terms and brings them to the kernels' form: int32 ids, transposed for transposed terms.
-std::vector<at::Tensor> prepare_ids(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                    at::TensorList tables, at::TensorList indices, at::IntArrayRef transposed) {
-  TORCH_CHECK(tables.size() == indices.size() && tables.size() == transposed.size(), op,
-              ": expected as many tables, indices and transposed flags, got ", tables.size(), ", ", indices.size(),
+// One logit term as the op receives it. Its weight is (Hw, nb) for a bias or (Hw, d, nb) for a contextual term,
+// Hw = 1 (shared by the heads) or H; the rows of its table for (b, h) are weight[h] (bias) or
+// scale * x[b, h] @ weight[h] (contextual; x = q for a term on keys, k for a transposed term).
+struct TermSpec {
+  const void* weight;
+  int64_t Hw, d, nb, rows;  // rows = Lq (on keys) or Lk (transposed)
+  bool contextual, transposed;
+  const int32_t* ids;
+  int64_t table_offset;  // of its table in a thread's workspace (contextual terms)
+  int64_t grad_offset;   // of its table's gradient in a thread's workspace (backward)
+  int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward)
+  int64_t head_stride() const { return Hw == 1 ? 0 : (contextual ? d * nb : nb); }
+};
+
+// The terms, checked and brought to the kernels' form; owns the contiguous weights and the int32 ids.
+struct Terms {
+  std::vector<at::Tensor> weights, ids;
+  std::vector<TermSpec> specs;
+  int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
+};
+
+Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, at::TensorList weights,
+                    at::TensorList indices, at::IntArrayRef transposed) {
+  TORCH_CHECK(weights.size() == indices.size() && weights.size() == transposed.size(), op,
+              ": expected as many weights, indices and transposed flags, got ", weights.size(), ", ", indices.size(),
               " and ", transposed.size());
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
-  std::vector<at::Tensor> ids;
-  for (const auto t : c10::irange(tables.size())) {
-    const at::Tensor& table = tables[t];
+  const int64_t H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3);
+  Terms terms;
+  for (const auto t : c10::irange(weights.size())) {
+    const at::Tensor& weight = weights[t];
     const at::Tensor& index = indices[t];
     const bool tr = transposed[t] != 0;
     const int64_t rows = tr ? Lk : Lq;
-    TORCH_CHECK(table.device().is_cpu() && index.device().is_cpu(), op, ": term ", t, ": expected CPU tensors, got ",
-                table.device(), " and ", index.device());
-    TORCH_CHECK(table.scalar_type() == q.scalar_type(), op, ": term ", t, ": expected a ", q.scalar_type(),
-                " table, got ", table.scalar_type());
-    TORCH_CHECK(table.dim() == 4 && table.size(0) == B && table.size(1) == H && table.size(2) == rows, op,
-                ": term ", t, ": expected a table of shape (", B, ", ", H, ", ", rows,
-                ", nb) (expand broadcast dims), got ", table.sizes());
+    TORCH_CHECK(weight.device().is_cpu() && index.device().is_cpu(), op, ": term ", t,
+                ": expected CPU tensors, got ", weight.device(), " and ", index.device());
+    TORCH_CHECK(weight.scalar_type() == q.scalar_type(), op, ": term ", t, ": expected a ", q.scalar_type(),
+                " weight, got ", weight.scalar_type());
+    const bool ctx = weight.dim() == 3;
+    TORCH_CHECK((weight.dim() == 2 || ctx) && (weight.size(0) == 1 || weight.size(0) == H) &&
+                    (!ctx || weight.size(1) == d),
+                op, ": term ", t, ": expected a weight of shape (Hw, nb) (bias) or (Hw, ", d,
+                ", nb) (contextual) with Hw = 1 or ", H, ", got ", weight.sizes());
+    const int64_t nb = weight.size(-1);
+    TORCH_CHECK(nb < (int64_t{1} << 31), op, ": term ", t, ": too many buckets");
     TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, op, ": term ", t,
                 ": expected int64 or int32 bucket ids, got ", index.scalar_type());
     TORCH_CHECK(index.dim() == 2 && index.size(0) == rows && index.size(1) == (tr ? Lq : Lk), op, ": term ", t,
                 ": expected bucket ids of shape (", rows, ", ", tr ? Lq : Lk, "), got ", index.sizes());
-    TORCH_CHECK(table.size(3) < (int64_t{1} << 31), op, ": term ", t, ": too many buckets");
     at::Tensor idx = index.contiguous();
-    check_index_range_cpu(op, idx, table.size(3));
-    ids.push_back((tr ? idx.t() : idx).to(at::kInt).contiguous());
-  }
-  return ids;
-}
-
-std::vector<Term> make_terms(at::TensorList tables, const std::vector<at::Tensor>& ids, at::IntArrayRef transposed) {
-  std::vector<Term> terms;
-  for (const auto t : c10::irange(tables.size())) {
-    const at::Tensor& table = tables[t];
-    terms.push_back(Term{table.const_data_ptr(), table.stride(0), table.stride(1), table.stride(2), table.stride(3),
-                         ids[t].const_data_ptr<int32_t>(), transposed[t] != 0, nullptr, table.size(3),
-                         table.size(2)});
+    check_index_range_cpu(op, idx, nb);
+    terms.ids.push_back((tr ? idx.t() : idx).to(at::kInt).contiguous());
+    terms.weights.push_back(weight.contiguous());
+    const TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
+                        terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
+                        terms.weight_elements};
+    terms.table_elements += ctx ? rows * nb : 0;
+    terms.grad_elements += rows * nb;
+    terms.weight_elements += weight.numel();
+    terms.max_nb = std::max(terms.max_nb, nb);
+    terms.specs.push_back(spec);
   }
   return terms;
 }
 
+// The terms' views for (b, h): contextual tables are computed into `tables` (a thread's workspace).
+template <typename scalar_t>
+void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>& km, int64_t h, scalar_t scale,
+                scalar_t* tables, TermView<scalar_t>* views) {
+  for (const auto t : c10::irange(terms.specs.size())) {
+    const TermSpec& spec = terms.specs[t];
+    const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
+    TermView<scalar_t>& view = views[t];
+    view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb};
+    if (spec.contextual) {
+      const Mat<scalar_t>& x = spec.transposed ? km : qm;
+      scalar_t* table = tables + spec.table_offset;
+      gemm<scalar_t>(false, false, spec.rows, spec.nb, spec.d, scale, x.p, x.ld, w, spec.nb, 0, table, spec.nb);
+      view.rows = table;
+      view.sr = spec.nb;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, at::TensorList tables,
+                                                     const at::Tensor& v_in, at::TensorList weights,
                                                      at::TensorList indices, at::IntArrayRef transposed,
                                                      double scale) {
   constexpr const char* op = "rpe_ops::rpe_attention";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the block products are not part of any graph
   check_qkv(op, q_in, k_in, v_in);
-  const std::vector<at::Tensor> ids = prepare_ids(op, q_in, k_in, tables, indices, transposed);
+  const Terms terms = prepare_terms(op, q_in, k_in, weights, indices, transposed);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3), dv = v.size(3);
   // (B, Lq, H, dv) in memory, as PyTorch's fused attention returns it: merging the heads afterwards is then a view.
-  at::Tensor out = at::empty({B, Lq, H, v.size(3)}, q.options()).permute({0, 2, 1, 3});
+  at::Tensor out = at::empty({B, Lq, H, dv}, q.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({B, H, Lq}, q.options());
   if (out.numel() == 0 || lse.numel() == 0) {
     if (lse.numel() > 0) {
@@ -437,35 +498,39 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
     }
     return {out, lse};
   }
-  const std::vector<Term> terms = make_terms(tables, ids, transposed);
+  const int64_t n_terms = static_cast<int64_t>(terms.specs.size());
   const int64_t rows_per_block = block_rows(Lq, Lk);
-  // One block per thread, allocated here: buffers malloc'ed inside the workers go to per-thread arenas, which
-  // return memory to the OS eagerly, and the page faults that follow cost the rest of the step dearly.
-  const at::Tensor blocks = at::empty({at::get_num_threads(), rows_per_block, Lk}, q.options());
+  // One workspace per thread (a block of logits, the contextual tables), allocated here: buffers malloc'ed inside
+  // the workers go to per-thread arenas, which return memory to the OS eagerly, and the page faults that follow cost
+  // the rest of the step dearly.
+  const int64_t per_thread = rows_per_block * Lk + terms.table_elements;
+  at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
+    scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
+    scalar_t* ws_data = workspace.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
       const at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // OpenMP workers start without the guard
-      const at::Tensor block = blocks[at::get_thread_num()];
-      scalar_t* logits = block.data_ptr<scalar_t>();
+      scalar_t* logits = ws_data + at::get_thread_num() * per_thread;
+      scalar_t* tables = logits + rows_per_block * Lk;
+      std::vector<TermView<scalar_t>> views(n_terms);
       for (int64_t bh = t0; bh < t1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
-        const at::Tensor qm = q[b][h], km_t = k[b][h].t(), vm = v[b][h], om = out[b][h];
-        scalar_t* lse_row = lse.mutable_data_ptr<scalar_t>() + bh * Lq;
+        const Mat<scalar_t> qm = mat<scalar_t>(q, b, h), km = mat<scalar_t>(k, b, h), vm = mat<scalar_t>(v, b, h);
+        const Mat<scalar_t> om = mat<scalar_t>(out, b, h);
+        make_views(terms, qm, km, h, s, tables, views.data());
         for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
           const int64_t n = std::min(rows_per_block, Lq - i0);
-          at::Tensor blk = block.narrow(0, 0, n);
-          gemm_into<scalar_t>(blk, qm.narrow(0, i0, n), km_t, 0, 1);
+          gemm<scalar_t>(false, true, n, Lk, d, 1, qm.row(i0), qm.ld, km.p, km.ld, 0, logits, Lk);  // Q K^T
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
-            add_bias_row(row, Lk, s, terms, b, h, i0 + r);
+            add_bias_row(row, Lk, s, views.data(), n_terms, i0 + r);
             const scalar_t m = row_max(row, Lk);
             const scalar_t sum = exp_shift_sum(row, Lk, m);
             scale_row(row, Lk, scalar_t(1) / sum);
-            lse_row[i0 + r] = m + std::log(sum);
+            lse_data[bh * Lq + i0 + r] = m + std::log(sum);
           }
-          at::Tensor o = om.narrow(0, i0, n);
-          gemm_into<scalar_t>(o, blk, vm, 0, 1);
+          gemm<scalar_t>(false, false, n, dv, Lk, 1, logits, Lk, vm.p, vm.ld, 0, om.row(i0), om.ld);  // P V
         }
       }
     });
@@ -475,14 +540,15 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
 
 std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& q_in,
                                                    const at::Tensor& k_in, const at::Tensor& v_in,
-                                                   const at::Tensor& lse_in,
-                                                   at::TensorList tables, at::TensorList indices,
-                                                   at::IntArrayRef transposed, double scale) {
+                                                   const at::Tensor& lse_in, at::TensorList weights,
+                                                   at::TensorList indices, at::IntArrayRef transposed,
+                                                   double scale) {
   constexpr const char* op = "rpe_ops::rpe_attention_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_qkv(op, q_in, k_in, v_in);
-  const std::vector<at::Tensor> ids = prepare_ids(op, q_in, k_in, tables, indices, transposed);
-  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), dv = v_in.size(3);
+  const Terms terms = prepare_terms(op, q_in, k_in, weights, indices, transposed);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), d = q_in.size(3);
+  const int64_t dv = v_in.size(3);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Lq, dv}), op, ": expected grad_out of shape ",
               at::IntArrayRef({B, H, Lq, dv}), ", got ", grad_out_in.sizes());
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Lq}), op, ": expected lse of shape (", B, ", ", H, ", ", Lq,
@@ -497,54 +563,82 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::zeros(k.sizes(), k.options());
   at::Tensor dvv = at::zeros(v.sizes(), v.options());
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& table : tables) {
-    grads.push_back(at::zeros(table.sizes(), table.options()));
-  }
-  std::vector<Term> terms = make_terms(tables, ids, transposed);
-  for (const auto t : c10::irange(terms.size())) {
-    terms[t].grad = grads[t].mutable_data_ptr();
-  }
+  const int64_t n_terms = static_cast<int64_t>(terms.specs.size());
+  const int64_t threads = at::get_num_threads();
+  // Each thread sums its weight gradients apart (deterministic for a given thread count); added up at the end.
+  at::Tensor weight_grads = at::zeros({threads, terms.weight_elements}, q.options());
   if (B * H * Lq * Lk > 0) {
     const int64_t rows_per_block = block_rows(Lq, Lk);
-    const at::Tensor blocks = at::empty({at::get_num_threads(), 2, rows_per_block, Lk}, q.options());  // see forward
+    // probabilities and their gradient (a block each), contextual tables, tables' gradients, scatter copies
+    const int64_t per_thread =
+        2 * rows_per_block * Lk + terms.table_elements + terms.grad_elements + kCopies * terms.max_nb;
+    at::Tensor workspace = at::empty({threads, per_thread}, q.options());  // see forward
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_backward_cpu", [&] {
       const auto s = static_cast<scalar_t>(scale);
+      const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
+      scalar_t* ws_data = workspace.mutable_data_ptr<scalar_t>();
+      scalar_t* wg_data = weight_grads.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
         const at::AutoDispatchBelowADInplaceOrView worker_below_autograd;
-        const at::Tensor probs_buf = blocks[at::get_thread_num()][0];
-        const at::Tensor grad_buf = blocks[at::get_thread_num()][1];
-        scalar_t* probs = probs_buf.data_ptr<scalar_t>();
-        scalar_t* grads_ = grad_buf.data_ptr<scalar_t>();
+        const int64_t tid = at::get_thread_num();
+        scalar_t* probs = ws_data + tid * per_thread;
+        scalar_t* grads = probs + rows_per_block * Lk;
+        scalar_t* tables = grads + rows_per_block * Lk;
+        scalar_t* table_grads = tables + terms.table_elements;
+        scalar_t* scratch = table_grads + terms.grad_elements;
+        scalar_t* weight_grad = wg_data + tid * terms.weight_elements;
+        std::vector<TermView<scalar_t>> views(n_terms);
         for (int64_t bh = t0; bh < t1; ++bh) {
           const int64_t b = bh / H, h = bh % H;
-          const at::Tensor qm = q[b][h], km = k[b][h], vm = v[b][h], gm = go[b][h];
-          at::Tensor dqm = dq[b][h], dkm = dk[b][h], dvm = dvv[b][h];
-          const scalar_t* lse_row = lse.const_data_ptr<scalar_t>() + bh * Lq;
+          const Mat<scalar_t> qm = mat<scalar_t>(q, b, h), km = mat<scalar_t>(k, b, h), vm = mat<scalar_t>(v, b, h);
+          const Mat<scalar_t> gm = mat<scalar_t>(go, b, h), dqm = mat<scalar_t>(dq, b, h);
+          const Mat<scalar_t> dkm = mat<scalar_t>(dk, b, h), dvm = mat<scalar_t>(dvv, b, h);
+          make_views(terms, qm, km, h, s, tables, views.data());
+          std::fill(table_grads, table_grads + terms.grad_elements, scalar_t(0));
+          for (const auto t : c10::irange(n_terms)) {
+            views[t].grad = table_grads + terms.specs[t].grad_offset;
+          }
           for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
             const int64_t n = std::min(rows_per_block, Lq - i0);
-            at::Tensor p = probs_buf.narrow(0, 0, n), g = grad_buf.narrow(0, 0, n);
-            const at::Tensor qb = qm.narrow(0, i0, n), gb = gm.narrow(0, i0, n);
-            gemm_into<scalar_t>(p, qb, km.t(), 0, 1);
+            const scalar_t *qb = qm.row(i0), *gb = gm.row(i0);
+            gemm<scalar_t>(false, true, n, Lk, d, 1, qb, qm.ld, km.p, km.ld, 0, probs, Lk);
             for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
               scalar_t* row = probs + r * Lk;
-              add_bias_row(row, Lk, s, terms, b, h, i0 + r);
-              exp_shift_sum(row, Lk, lse_row[i0 + r]);
+              add_bias_row(row, Lk, s, views.data(), n_terms, i0 + r);
+              exp_shift_sum(row, Lk, lse_data[bh * Lq + i0 + r]);
             }
-            gemm_into<scalar_t>(dvm, p.t(), gb, 1, 1);  // dV += P^T dO
-            gemm_into<scalar_t>(g, gb, vm.t(), 0, 1);   // dP = dO V^T
+            gemm<scalar_t>(true, false, Lk, dv, n, 1, probs, Lk, gb, gm.ld, 1, dvm.p, dvm.ld);  // dV += P^T dO
+            gemm<scalar_t>(false, true, n, Lk, dv, 1, gb, gm.ld, vm.p, vm.ld, 0, grads, Lk);    // dP = dO V^T
             for (int64_t r = 0; r < n; ++r) {
-              const int64_t i = i0 + r;
-              scalar_t* row = grads_ + r * Lk;
+              scalar_t* row = grads + r * Lk;
               // rowsum(P * dP) from the block rather than dO . O (flash attention's shortcut): when the softmax
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
               const scalar_t delta = row_dot(probs + r * Lk, row, Lk);
               softmax_grad_row(row, probs + r * Lk, Lk, delta);
-              bucket_sum_row(row, Lk, terms, bh, i);
+              bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch);
             }
-            at::Tensor dqb = dqm.narrow(0, i0, n);
-            gemm_into<scalar_t>(dqb, g, km, /*beta=*/0, /*alpha=*/scale);      // dQ = scale dS K
-            gemm_into<scalar_t>(dkm, g.t(), qb, /*beta=*/1, /*alpha=*/scale);  // dK += scale dS^T Q
+            gemm<scalar_t>(false, false, n, d, Lk, s, grads, Lk, km.p, km.ld, 0, dqm.row(i0), dqm.ld);  // dQ = s dS K
+            gemm<scalar_t>(true, false, Lk, d, n, s, grads, Lk, qb, qm.ld, 1, dkm.p, dkm.ld);  // dK += s dS^T Q
+          }
+          // Back through the tables: a contextual table s * x W gives dx += s * dT W^T and dW += s * x^T dT; a bias
+          // table (the weight's row repeated) gives dW += the column sums of dT.
+          for (const auto t : c10::irange(n_terms)) {
+            const TermSpec& spec = terms.specs[t];
+            const scalar_t* dt = views[t].grad;
+            scalar_t* dw = weight_grad + spec.weight_offset + h * spec.head_stride();
+            if (spec.contextual) {
+              const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
+              const Mat<scalar_t>& x = spec.transposed ? km : qm;
+              const Mat<scalar_t>& dx = spec.transposed ? dkm : dqm;
+              gemm<scalar_t>(false, true, spec.rows, spec.d, spec.nb, s, dt, spec.nb, w, spec.nb, 1, dx.p, dx.ld);
+              gemm<scalar_t>(true, false, spec.d, spec.nb, spec.rows, s, x.p, x.ld, dt, spec.nb, 1, dw, spec.nb);
+            } else {
+              for (int64_t r = 0; r < spec.rows; ++r) {
+                for (int64_t c = 0; c < spec.nb; ++c) {
+                  dw[c] += dt[r * spec.nb + c];
+                }
+              }
+            }
           }
         }
       });
@@ -553,7 +647,11 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
     dq.zero_();
   }
   std::vector<at::Tensor> result{dq, dk, dvv};
-  result.insert(result.end(), grads.begin(), grads.end());
+  const at::Tensor weight_grad = weight_grads.sum(0);
+  for (const auto t : c10::irange(n_terms)) {
+    const at::Tensor& weight = terms.weights[t];
+    result.push_back(weight_grad.narrow(0, terms.specs[t].weight_offset, weight.numel()).view(weight.sizes()));
+  }
   return result;
 }
 
@@ -562,11 +660,11 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
 
 TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
   m.def(
-      "rpe_attention(Tensor q, Tensor k, Tensor v, Tensor[] tables, Tensor[] indices, int[] transposed, float scale)"
+      "rpe_attention(Tensor q, Tensor k, Tensor v, Tensor[] weights, Tensor[] indices, int[] transposed, float scale)"
       " -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "rpe_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor[] tables,"
+      "rpe_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor[] weights,"
       " Tensor[] indices, int[] transposed, float scale) -> Tensor[]",
       {at::Tag::pt2_compliant_tag});
 }
