@@ -37,6 +37,7 @@ __all__ = [
 BUILD_COMMAND = "cd rpe_ops && python setup.py build_ext --inplace  (or `make ops` from the repository root)"
 
 _ext: Any = None
+_attention_kernel = False
 _load_error: str | None = None
 
 
@@ -69,7 +70,11 @@ def has_cuda_kernels() -> bool:
 def has_attention_kernel() -> bool:
     """True when the loaded library holds the fused CPU attention kernel (`rpe_ops::rpe_attention`) in its current
     form, which takes the encodings' weights (a library built before that took per-row tables: rebuild it)."""
-    if not is_available() or not hasattr(torch.ops.rpe_ops, "rpe_attention"):
+    return is_available() and _attention_kernel
+
+
+def _current_attention_schema() -> bool:
+    if not hasattr(torch.ops.rpe_ops, "rpe_attention"):
         return False
     return [a.name for a in torch.ops.rpe_ops.rpe_attention.default._schema.arguments][3] == "weights"
 
@@ -256,7 +261,9 @@ def _register_python_parts() -> None:
     torch.library.register_autograd(
         "rpe_ops::rpe_bucket_sum", _rpe_bucket_sum_backward, setup_context=_rpe_bucket_sum_setup_context
     )
-    if has_attention_kernel():
+    global _attention_kernel
+    _attention_kernel = _current_attention_schema()  # read once: a plain bool keeps has_attention_kernel() traceable
+    if _attention_kernel:
         torch.library.register_fake("rpe_ops::rpe_attention")(_rpe_attention_fake)
         torch.library.register_fake("rpe_ops::rpe_attention_backward")(_rpe_attention_backward_fake)
         torch.library.register_autograd(
