@@ -1,4 +1,5 @@
-"""tools/benchmark.py runs end to end (tiny sizes): the re-exec with glibc's keep settings, the memory child, JSON."""
+"""The benchmark tools run end to end (tiny sizes): benchmark.py with its re-exec under glibc's keep settings, the
+memory child and JSON; benchmark_attention.py with its variants."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ def test_benchmark_cli_rejects_a_model_of_unknown_size():
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode != 0
     assert "cannot tell the DeiT size of 'vit_huge_rpe'" in result.stderr
+
+
+def test_attention_benchmark_cli_reports_every_variant():
+    cmd = [
+        sys.executable,
+        "tools/benchmark_attention.py",
+        *("--impls", "auto", "sdpa", "math", "--rpe-on", "qk", "--batch-size", "1", "--heads", "2", "--grid", "3"),
+        *("--reps", "2", "--warmup", "1", "--json"),
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    assert {"plain", "auto", "sdpa", "math"} <= set(rows)
+    assert rows["plain"]["fwd_bwd_ratio"] == 1.0
+    for row in rows.values():
+        assert 0 < row["fwd_ms"] <= row["fwd_bwd_ms"], row
