@@ -37,6 +37,7 @@ demo: setup
 
 bench: setup
 	$(PY) tools/benchmark_ops.py
+	$(PY) tools/benchmark_attention.py
 	$(PY) tools/benchmark.py
 
 lint: setup
