@@ -230,7 +230,8 @@ def _rpe_attention_fake(q, k, v, weights, indices, transposed, scale):
 
 
 def _rpe_attention_backward_fake(grad_out, q, k, v, lse, weights, indices, transposed, scale):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)] + [w.new_empty(w.shape) for w in weights]
+    # contiguous, as the kernel allocates them (empty_like would keep the strides of q, k, v views)
+    return [t.new_empty(t.shape) for t in (q, k, v, *weights)]
 
 
 def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:

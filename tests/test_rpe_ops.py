@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
 
 import rpe_ops
 
@@ -459,12 +461,24 @@ def test_rpe_attention_reads_strided_inputs_in_place() -> None:
     q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
     weights = [randn(*shape, dtype=torch.float64, seed=9).requires_grad_() for shape in ((H, d, nb), (1, nb))]
     indices = [make_index(L, L, nb, "cpu"), make_index(L, L, nb, "cpu")]
-    out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, [False, True], 0.5)
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, [False, True], 0.5)
     ref, _ = _reference_attention(q, k, v, weights, indices, [False, True], 0.5)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     leaves = [q, k, v, *weights]
     for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    # The fake kernels must give the real ones' layouts for such views too: inductor compiles against them.
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], 0.5))
+    q, k, v, *weights = (t.detach() for t in (q, k, v, *weights))
+    args = (out.detach().contiguous(), q, k, v, lse, weights, indices, [0, 1], 0.5)
+    for op, op_args in (
+        (torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], 0.5)),
+        (torch.ops.rpe_ops.rpe_attention_backward.default, args),
+    ):
+        real = op(*op_args)
+        with FakeTensorMode() as mode:
+            fake = op(*pytree.tree_map_only(torch.Tensor, mode.from_tensor, op_args))
+        assert [t.stride() for t in fake] == [t.stride() for t in real], op
 
 
 @needs_ops
