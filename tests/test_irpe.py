@@ -627,6 +627,15 @@ def _attention_and_grads(impl, qkv, modules, grid):
     return out, grads
 
 
+def _assert_path_matches_math(impl, qkv, modules, grid, tol):
+    """``impl``'s output and gradients (inputs and encodings) equal the explicit formulation's, at ``tol``."""
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    out, grads = _attention_and_grads(impl, qkv, modules, grid)
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
+
+
 needs_ops_kernel = pytest.mark.skipif(not OPS, reason="the compiled rpe_ops are not built")
 FUSED_CPU_IMPLS = ["sdpa", pytest.param("ops", marks=needs_ops_kernel)]
 
@@ -638,12 +647,7 @@ FUSED_CPU_IMPLS = ["sdpa", pytest.param("ops", marks=needs_ops_kernel)]
 )
 def test_fused_cpu_paths_match_math(config_args, dtype, impl):
     qkv, modules, grid = _attention_inputs(config_args, dtype)
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads(impl, qkv, modules, grid)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, ref_out, **tol)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, **tol)
+    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10 if dtype == torch.float64 else 1e-5)
 
 
 @pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
@@ -764,11 +768,7 @@ def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
     args = dict(method="cross", skip=0, rpe_on="qk", shared_head=False)
     qkv, modules, grid = _attention_inputs(args, torch.float64, B=5, height=4, width=3)
     assert len(irpe._batch_chunks(qkv[0])) == (5 if chunk_bytes == 1 else 3)
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads("sdpa", qkv, modules, grid)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
 
 
 @needs_ops_kernel
@@ -781,11 +781,7 @@ def test_ops_kernel_row_blocks_match_math(config_args):
     # L = 290: the kernel's blocks of query rows (65536 logits) split every (b, h) into two, the last one short.
     qkv, modules, grid = _attention_inputs(config_args, torch.float64, B=1, H=2, d=4, height=17, width=17)
     assert qkv[0].size(2) ** 2 > 65536
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads("ops", qkv, modules, grid)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+    _assert_path_matches_math("ops", qkv, modules, grid, tol=1e-10)
 
 
 @needs_ops_kernel
