@@ -286,6 +286,80 @@ def build_dataset(
     raise UserError(f"unknown --data-set {args.data_set!r}; choose from {', '.join(DATA_SETS)}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# timm's AutoAugment / RandAugment ops on current Pillow
+
+# Ops of timm's ``auto_augment`` that change pixel values only (no geometry): ImageOps implements them for L and
+# RGB images, so images with alpha get them on their colour bands, with the alpha band kept as it was.
+_COLOUR_OPS = frozenset(
+    ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal", "Solarize",
+     "SolarizeIncreasing", "SolarizeAdd")
+)  # fmt: skip
+
+
+def _black(img: Image.Image, *_: Any, **__: Any) -> Image.Image:
+    return Image.new(img.mode, img.size)
+
+
+class ModeSafeAugmentOp:
+    """One image function of timm's AutoAugment/RandAugment (``AugmentOp.aug_fn``), safe on Pillow 13 and any of
+    the modes L, LA, RGB and RGBA.
+
+    Three things break timm's functions on current Pillow, and each is turned into what the op meant:
+
+    * "Keep 0 bits" (``PosterizeIncreasing`` at magnitude 10, which DeiT's ``rand-m9-mstd0.5-inc1`` reaches; ``v0``'s
+      ``Posterize`` at magnitudes below 2.5): Pillow before 13 gave a black image, Pillow 13 raises ``ValueError``.
+      The black image is what the TPU and research implementations give, so it is kept.
+    * Geometric ops fill with the RGB mean colour, which Pillow refuses for L images: L gets the mean's grey.
+    * ImageOps' point ops refuse images with alpha: they get the op on their colour bands.
+
+    Args:
+        name: timm's op name (``AugmentOp.name``).
+        fn: timm's function for it (``AugmentOp.aug_fn``).
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Image.Image]) -> None:
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, img: Image.Image, *level: Any, **kwargs: Any) -> Image.Image:
+        fn = self.fn
+        if self.name.startswith("Posterize") and level and level[0] <= 0:
+            fn = _black
+        fill = kwargs.get("fillcolor")
+        if img.mode in ("L", "LA") and isinstance(fill, tuple):
+            kwargs = {**kwargs, "fillcolor": round(sum(fill[:3]) / len(fill[:3]))}
+        if img.mode in ("LA", "RGBA") and self.name in _COLOUR_OPS:
+            out = fn(img.convert(img.mode[:-1]), *level, **kwargs)
+            out.putalpha(img.getchannel("A"))
+            return out
+        return fn(img, *level, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+def make_augment_safe(transform: Any) -> Any:
+    """Wraps, in place, every timm ``AugmentOp`` inside ``transform`` in a :class:`ModeSafeAugmentOp`.
+
+    Walks ``Compose.transforms``, ``RandAugment.ops``/``AugMixAugment.ops`` and ``AutoAugment.policy``; site-packages
+    stay untouched, and only the transforms this project builds are changed. Returns ``transform``.
+    """
+    from timm.data.auto_augment import AugmentOp
+
+    if isinstance(transform, AugmentOp):
+        if not isinstance(transform.aug_fn, ModeSafeAugmentOp):
+            transform.aug_fn = ModeSafeAugmentOp(transform.name, transform.aug_fn)
+        return transform
+    if isinstance(transform, (list, tuple)):
+        for t in transform:
+            make_augment_safe(t)
+        return transform
+    for attr in ("transforms", "ops", "policy"):
+        make_augment_safe(getattr(transform, attr, ()))
+    return transform
+
+
 def build_transform(is_train: bool, args: argparse.Namespace) -> Transform:
     """DeiT's transforms.
 
@@ -308,6 +382,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Transform:
             re_mode=args.remode,
             re_count=args.recount,
         )
+        make_augment_safe(transform)
         if small:
             transform.transforms[0] = transforms.Compose(
                 [

@@ -26,6 +26,7 @@ Errors the user can fix print ``error: ...`` and exit with code 2; a non-finite 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import difflib
 import json
@@ -165,7 +166,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default="", help="where to save checkpoints and logs (nothing saved if empty)")
     g.add_argument("--log-dir", default="", help="TensorBoard directory (default: output_dir)")
-    g.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda, cuda:N or cpu; cuda when a GPU is visible",
+    )
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="resume from this checkpoint (file or URL)")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N")
@@ -234,9 +239,23 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return out
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows the default of every flag, also of those without a help text (most of DeiT's)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses flags, taking defaults from ``--config`` when given (the command line wins)."""
-    parser = argparse.ArgumentParser("DeiT training and evaluation script", parents=[get_args_parser()])
+    parser = argparse.ArgumentParser(
+        "DeiT training and evaluation script",
+        parents=[get_args_parser()],
+        formatter_class=DefaultsHelpFormatter,
+    )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
@@ -273,6 +292,17 @@ def resolve_amp_dtype(args: argparse.Namespace, device: torch.device) -> torch.d
         return None
     name = args.amp_dtype or ("float16" if device.type == "cuda" else "bfloat16")
     return AMP_DTYPES[name]
+
+
+def scaler_state(loss_scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """The checkpoint's ``scaler`` entry: the loss scaler's state, or a fresh scaler's when none is used.
+
+    DeiT's ``main.py`` passes ``checkpoint['scaler']`` to an enabled ``GradScaler.load_state_dict`` on resume, which
+    refuses ``None`` and an empty dict, so a checkpoint of a run without loss scaling still carries a valid state.
+    """
+    if loss_scaler is not None and loss_scaler.is_enabled():
+        return loss_scaler.state_dict()
+    return torch.amp.GradScaler("cpu").state_dict()
 
 
 def check_model_name(name: str) -> None:
@@ -500,8 +530,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         The last evaluation statistics (and ``max_accuracy`` when training).
     """
     resolved = argparse.Namespace(**vars(args))  # the flags as given, for args.yaml and checkpoints
+    device = resolve_device(args.device)  # before the process group: a bad device is one error line per rank
     utils.init_distributed_mode(args)
-    device = resolve_device(args.device)
     amp_dtype = resolve_amp_dtype(args, device)
     print(f"device: {device}, world size: {utils.get_world_size()}, amp: {amp_dtype or 'off'}")
     seed_everything(args.seed + utils.get_rank())
@@ -653,7 +683,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "lr_scheduler": utils.to_plain(lr_scheduler.state_dict()),
                     "epoch": epoch,
                     "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                    "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+                    "scaler": scaler_state(loss_scaler),
                     "max_accuracy": max_accuracy,
                     "args": utils.to_plain(resolved),
                 }

@@ -327,6 +327,12 @@ def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
         atomic_torch_save(obj, path)
 
 
+# Classes that ``weights_only`` loading may rebuild besides tensors and plain data: DeiT's ``main.py`` (and so the
+# original iRPE's) saves its flags as ``checkpoint['args'] = args``, an ``argparse.Namespace``, which holds plain data
+# and runs no code when rebuilt.
+CHECKPOINT_SAFE_GLOBALS: list[type] = [argparse.Namespace]
+
+
 def load_checkpoint(source: str) -> dict[str, Any]:
     """Loads a checkpoint from a local path or an http(s) URL with ``weights_only=True``.
 
@@ -335,11 +341,15 @@ def load_checkpoint(source: str) -> dict[str, Any]:
     """
     try:
         if source.startswith(("http://", "https://")):
-            ckpt = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=True)
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                ckpt = torch.hub.load_state_dict_from_url(
+                    source, map_location="cpu", check_hash=False, weights_only=True
+                )
         else:
             if not os.path.isfile(source):
                 raise UserError(f"checkpoint not found: {source}")
-            ckpt = torch.load(source, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+                ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except UserError:
         raise
     except Exception as e:  # unpickling errors, truncated files, HTTP errors

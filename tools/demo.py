@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def run(cmd: list[str], title: str) -> list[str]:
     Raises:
         SystemExit: with the command's exit code when it fails.
     """
-    print(f"\n=== {title}\n$ {' '.join(cmd)}", flush=True)
+    print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)  # quoted: copy-pasteable
     lines = []
     with subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
