@@ -22,8 +22,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.readers.reader import Reader
+from timm.data.readers.reader_image_in_tar import ReaderImageInTar, extract_tarinfos
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
@@ -31,22 +34,54 @@ from torchvision import transforms
 from utils import UserError
 
 DATA_SETS: tuple[str, ...] = ("CIFAR", "IMNET", "INAT", "INAT19")
+# The image files read, in folders and in tar archives alike (timm's tar reader is given this list).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow modes with more than 8 bits per sample (16-bit PNG/TIFF, 32-bit integer or float TIFF), which
+# ``convert("RGB")`` clips to 255 instead of scaling.
+_WIDE_MODES: frozenset[str] = frozenset(("I;16", "I;16L", "I;16B", "I;16N", "I", "F"))
 
 Transform = Callable[[Image.Image], Any]
 
 
 def load_rgb(path: str, fileobj: Any = None) -> Image.Image:
-    """Opens and decodes an image as RGB.
+    """Opens and decodes an image as RGB; images with more than 8 bits per sample are scaled (see :func:`to_8bit`).
 
     Raises:
-        UserError: naming ``path`` when the file cannot be read or decoded.
+        UserError: naming ``path`` when the file cannot be read or decoded, or has samples out of range.
     """
     try:
         with Image.open(fileobj if fileobj is not None else path) as img:
-            return img.convert("RGB")
+            return (to_8bit(img) if img.mode in _WIDE_MODES else img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A greyscale (L) image of the samples of a 16-bit, 32-bit integer or float image, scaled with their range kept.
+
+    Integer images are read as 16-bit, ``0..65535 -> 0..255`` (Pillow opens 16-bit PNGs and TIFFs as ``I;16`` or
+    ``I``); float images must hold values in ``[0, 1]``, ``-> 0..255``. Values outside these ranges have no
+    standard meaning and are refused rather than clipped or stretched per image.
+
+    Raises:
+        ValueError: samples outside the range of the mode.
+    """
+    samples = np.asarray(img)
+    if img.mode == "F":
+        if samples.size and not (np.isfinite(samples).all() and samples.min() >= 0 and samples.max() <= 1):
+            raise ValueError(
+                f"float samples must lie in [0, 1], these range from {samples.min():g} to {samples.max():g}; "
+                "convert the image to 8 bits per channel"
+            )
+        scaled = samples.astype(np.float64) * 255
+    else:
+        if samples.size and not (samples.min() >= 0 and samples.max() <= 65535):
+            raise ValueError(
+                f"integer samples must lie in 0..65535 (16 bits), these range from {samples.min()} to "
+                f"{samples.max()}; convert the image to 8 bits per channel"
+            )
+        scaled = samples.astype(np.float64) * (255 / 65535)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,23 +95,94 @@ def _check_dir(path: str, what: str) -> None:
         )
 
 
-def folder_classes(root: str) -> list[str]:
-    """Sorted class folder names under ``root``; every one must hold at least one image file.
+def _link_text(path: str) -> str:
+    """``path -> target`` for a symbolic link, ``path`` otherwise."""
+    try:
+        return f"{path} -> {os.readlink(path)}"
+    except OSError:
+        return path
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder, following symbolic links.
 
     Raises:
-        UserError: when ``root`` has no class folder or some class folders hold no image.
+        UserError: a link that cannot be resolved (it points to itself, or into a loop of links).
     """
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        return entry.is_dir()
+    except OSError as e:
+        raise UserError(
+            f"symbolic link {_link_text(entry.path)} cannot be resolved ({e.strerror}): fix or remove it"
+        ) from None
+
+
+def _contains(folder: str, path: str) -> bool:
+    """Whether the real path ``folder`` is ``path`` or one of its parents."""
+    return os.path.commonpath([folder, path]) == folder
+
+
+def folder_classes(root: str) -> list[str]:
+    """Sorted class folder names under ``root`` (links to folders count; hidden names do not).
+
+    Raises:
+        UserError: when ``root`` has no class folder, or a class entry is a broken link or a link to a folder that
+            holds ``root`` (which would make the class hold every class).
+    """
+    real_root = os.path.realpath(root)
+    classes = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):  # sorted: the first problem is the one reported
+        if entry.name.startswith("."):
+            continue
+        is_dir = _is_dir(entry)
+        if not is_dir and entry.is_symlink() and not os.path.exists(entry.path):
+            raise UserError(f"class folder {_link_text(entry.path)} is a broken symbolic link: fix or remove it")
+        if not is_dir:
+            continue
+        if _contains(os.path.realpath(entry.path), real_root):
+            raise UserError(
+                f"class folder {_link_text(entry.path)} links to a folder that holds {root} itself (a cycle): "
+                "make it point to that class's own images"
+            )
+        classes.append(entry.name)
     if not classes:
         raise UserError(f"no class folders in {root} (expected {root}/<class>/<image>)")
-    empty = []
-    for c in classes:
-        if not any(f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS) for f in os.scandir(os.path.join(root, c))):
-            empty.append(c)
-    if empty:
-        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
-        raise UserError(f"{len(empty)} empty class folder(s) in {root} (no {'/'.join(IMG_EXTENSIONS)} file): {shown}")
-    return classes
+    return sorted(classes)
+
+
+def image_files(class_dir: str) -> list[str]:
+    """The image files under ``class_dir``, following links, in torchvision's order (folder by folder, sorted).
+
+    Raises:
+        UserError: a link to a folder that holds the folder it is in, or one of that folder's parents (a cycle:
+            following it would read the same images, or other classes' images, again and again), naming the link;
+            a link that cannot be resolved; a folder that cannot be listed.
+    """
+    found: list[tuple[str, list[str]]] = []
+
+    def visit(folder: str, chain: tuple[str, ...]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise UserError(f"cannot list folder {folder}: {e.strerror}") from None
+        files = []
+        for entry in entries:
+            if not _is_dir(entry):
+                if _is_image_file(entry.name):
+                    files.append(entry.name)
+                continue
+            real = os.path.realpath(entry.path)
+            if any(_contains(real, c) for c in chain):
+                raise UserError(
+                    f"symbolic link {_link_text(entry.path)} leads back to a folder that holds it (a cycle), so the "
+                    f"class folder {class_dir} would hold its own images (or other classes') again and again: "
+                    "remove the link or point it elsewhere"
+                )
+            visit(entry.path, (*chain, real))
+        found.append((folder, sorted(files)))
+
+    visit(class_dir, (os.path.realpath(class_dir),))
+    return [os.path.join(folder, name) for folder, names in sorted(found) for name in names]
 
 
 def build_image_folder(root: str, transform: Transform | None, class_to_idx: dict[str, int] | None) -> Dataset:
@@ -98,7 +204,8 @@ def build_image_folder(root: str, transform: Transform | None, class_to_idx: dic
 
 
 class _ImageFolder(tv_datasets.ImageFolder):
-    """``ImageFolder`` with a given class mapping and a loader whose errors name the file (picklable for workers)."""
+    """``ImageFolder`` with a given class mapping, a folder walk that refuses link cycles (:func:`image_files`) and
+    a loader whose errors name the file (picklable for workers)."""
 
     def __init__(self, root: str, classes: list[str], class_to_idx: dict[str, int], transform: Transform | None):
         self._given = (classes, class_to_idx)
@@ -106,6 +213,33 @@ class _ImageFolder(tv_datasets.ImageFolder):
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self._given
+
+    @staticmethod
+    def make_dataset(
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """``(path, class index)`` of the :data:`IMG_EXTENSIONS` files of every class (the other arguments of
+        torchvision's signature are not used).
+
+        Raises:
+            UserError: a class folder without image files, or see :func:`image_files`.
+        """
+        samples, empty = [], []
+        for name in sorted(class_to_idx):
+            files = image_files(os.path.join(directory, name))
+            if not files:
+                empty.append(name)
+            samples += [(path, class_to_idx[name]) for path in files]
+        if empty:
+            shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+            raise UserError(
+                f"{len(empty)} empty class folder(s) in {directory} (no {'/'.join(IMG_EXTENSIONS)} file): {shown}"
+            )
+        return samples
 
 
 def _is_image_file(path: str) -> bool:
@@ -116,10 +250,31 @@ def _is_image_file(path: str) -> bool:
 # Tar archives
 
 
-class TarImageDataset(Dataset):
-    """Images read in place from a tar archive whose members sit in class folders (``<class>/<image>``).
+class _TarReader(ReaderImageInTar):
+    """timm's ``ReaderImageInTar`` for one uncompressed tar, scanning for :data:`IMG_EXTENSIONS`.
 
-    Uses timm's ``ReaderImageInTar`` (one scan of the member headers, then random access per sample).
+    timm's constructor scans for timm's own extensions (``.png/.jpg/.jpeg``) and, for tars over 10 GB, keeps the
+    scan in a ``_<name>_tarinfos.pickle`` beside the tar that it reuses even after the tar changed; this one passes
+    the extensions and scans every time (the layout check scans the archive anyway).
+    """
+
+    def __init__(self, tar_path: str, class_to_idx: dict[str, int]) -> None:
+        Reader.__init__(self)
+        self.root = tar_path
+        self.samples, self.targets, self.class_name_to_idx, tarfiles = extract_tarinfos(
+            tar_path, class_name_to_idx=dict(class_to_idx), cache_tarinfo=False, extensions=IMG_EXTENSIONS
+        )
+        self.class_idx_to_name = {v: k for k, v in self.class_name_to_idx.items()}
+        self.root_is_tar = True
+        self.tar_state = tarfiles[0][1]
+        self.cache_tarfiles = True
+
+
+class TarImageDataset(Dataset):
+    """Images read in place from an uncompressed tar archive whose members sit in class folders (``<class>/<image>``).
+
+    Uses timm's ``ReaderImageInTar`` (one scan of the member headers, then random access per sample), given the
+    extensions of the folder reader, :data:`IMG_EXTENSIONS`.
 
     Args:
         tar_path: The ``.tar`` file.
@@ -128,17 +283,17 @@ class TarImageDataset(Dataset):
     """
 
     def __init__(self, tar_path: str, transform: Transform | None, class_to_idx: dict[str, int] | None = None) -> None:
-        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
-
         if not os.path.isfile(tar_path):
             raise UserError(f"tar archive not found: {tar_path} (--load-tar reads <data-path>/train.tar and val.tar)")
-        names = tar_class_names(tar_path)
+        names, count = _scan_tar(tar_path)
         if class_to_idx is not None:
             unknown = sorted(set(names) - set(class_to_idx))
             if unknown:
                 raise UserError(f"classes in {tar_path} that the training split lacks: {', '.join(unknown[:10])}")
         mapping = class_to_idx if class_to_idx is not None else {c: i for i, c in enumerate(names)}
-        self.reader = ReaderImageInTar(tar_path, class_map=dict(mapping))
+        self.reader = _TarReader(tar_path, mapping)
+        if len(self.reader) != count:  # both scans use IMG_EXTENSIONS and the same label rule
+            raise RuntimeError(f"timm's tar reader found {len(self.reader)} images in {tar_path}, the scan {count}")
         self.tar_path = tar_path
         self.transform = transform
         self.classes = names
@@ -156,21 +311,57 @@ class TarImageDataset(Dataset):
         return img, int(target)
 
 
-def tar_class_names(tar_path: str) -> list[str]:
-    """Sorted class names (the folder holding each image) of a tar archive, checking the layout.
+# Leading bytes of compressed files: (magic, format, file suffix, tool).
+_COMPRESSED: tuple[tuple[bytes, str, str, str], ...] = (
+    (b"\x1f\x8b", "gzip", "gz", "gzip"),
+    (b"BZh", "bzip2", "bz2", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz", "xz", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zst", "zstd"),
+)
+
+
+def _check_uncompressed(tar_path: str) -> None:
+    """Raises a ``UserError`` saying how to decompress ``tar_path`` if it is a compressed file."""
+    with open(tar_path, "rb") as f:
+        head = f.read(6)
+    for magic, kind, suffix, tool in _COMPRESSED:
+        if head.startswith(magic):
+            raise UserError(
+                f"{tar_path} is {kind}-compressed; --load-tar reads each image in place, which needs an uncompressed "
+                f"tar: decompress it (mv {tar_path} {tar_path}.{suffix} && {tool} -d {tar_path}.{suffix})"
+            )
+
+
+def _scan_tar(tar_path: str) -> tuple[list[str], int]:
+    """Sorted class names (the folder holding each image) of an uncompressed tar archive, and its number of images.
+
+    Images are the members with an :data:`IMG_EXTENSIONS` name, as for folders (and for the tar reader).
 
     Raises:
-        UserError: if the archive is unreadable, holds no image, or has images outside class folders.
+        UserError: if the archive is compressed or unreadable, holds no image (other files are named), holds tar
+            archives, or has images outside class folders.
     """
     import tarfile
 
+    _check_uncompressed(tar_path)
     classes: set[str] = set()
     loose: list[str] = []
+    others: list[str] = []
+    count = 0
     try:
-        with tarfile.open(tar_path, mode="r|*") as tf:
+        with tarfile.open(tar_path, mode="r|") as tf:  # the tar reader's own mode: uncompressed, streamed
             for ti in tf:
-                if not ti.isfile() or not ti.name.lower().endswith(IMG_EXTENSIONS):
+                if not ti.isfile():
                     continue
+                if ti.name.lower().endswith(".tar"):  # timm would read these as more classes; the layout has none
+                    raise UserError(
+                        f"{tar_path} holds tar archives (e.g. {ti.name}), which --load-tar does not read: extract "
+                        "them so that the images are members <class>/<image>"
+                    )
+                if not _is_image_file(ti.name):
+                    others.append(ti.name)
+                    continue
+                count += 1
                 folder = os.path.basename(os.path.dirname(os.path.normpath(ti.name)))
                 if folder in ("", "."):
                     loose.append(ti.name)
@@ -183,8 +374,18 @@ def tar_class_names(tar_path: str) -> list[str]:
             f"{tar_path} has images outside class folders (e.g. {loose[0]}); expected members <class>/<image>"
         )
     if not classes:
-        raise UserError(f"{tar_path} holds no image files ({'/'.join(IMG_EXTENSIONS)}) in class folders")
-    return sorted(classes)
+        found = f"; it holds {len(others)} other file(s), e.g. {others[0]}" if others else ""
+        raise UserError(f"{tar_path} holds no image files ({'/'.join(IMG_EXTENSIONS)}) in class folders{found}")
+    return sorted(classes), count
+
+
+def tar_class_names(tar_path: str) -> list[str]:
+    """Sorted class names (the folder holding each image) of an uncompressed tar archive, checking the layout.
+
+    Raises:
+        UserError: see :func:`_scan_tar`.
+    """
+    return _scan_tar(tar_path)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -776,7 +776,12 @@ def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[
 
 
 # The default choice; an unusable IRPE_BACKEND=ops is reported by `python -m irpe` and raised at the first lookup.
-_backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto")
+try:
+    _backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto")
+except ValueError as _err:
+    if __name__ != "__main__":
+        raise
+    raise SystemExit(f"error: {_err}") from None  # `python -m irpe`: one line, exit code 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1070,3 +1075,5 @@ def rpe_attention(
 
 if __name__ == "__main__":
     print(backend_report())
+    if _backend == "ops" and _rpe_ops is None:  # forced but unusable: a script checking the set-up must see it fail
+        raise SystemExit(f"error: IRPE_BACKEND=ops but the compiled rpe_ops are unavailable; {_BUILD_HINT}")

@@ -30,6 +30,7 @@ import copy
 import datetime
 import difflib
 import json
+import math
 import os
 import random
 import re
@@ -52,14 +53,22 @@ from timm.utils import ModelEmaV2
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-import models  # noqa: F401  (registers the DeiT baselines)
-import rpe_models  # noqa: F401  (registers the iRPE models in timm's registry)
 import utils
 from datasets import DATA_SETS, build_dataset
 from engine import evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
 from samplers import RASampler, ShardedEvalSampler
 from utils import TrainingError, UserError
+
+try:
+    import models  # noqa: F401  (registers the DeiT baselines)
+    import rpe_models  # noqa: F401  (registers the iRPE models in timm's registry)
+except ValueError as _err:  # irpe.py refuses an unknown IRPE_BACKEND when imported: validate_args reports it
+    if "IRPE_BACKEND" not in str(_err):
+        raise
+    _IRPE_IMPORT_ERROR: str | None = str(_err)
+else:
+    _IRPE_IMPORT_ERROR = None
 
 AMP_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -176,6 +185,11 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--start_epoch", default=0, type=int, metavar="N")
     g.add_argument("--eval", action="store_true", help="only evaluate")
     g.add_argument(
+        "--eval-random-init",
+        action="store_true",
+        help="allow --eval without --resume or --pretrained (evaluates randomly initialized weights)",
+    )
+    g.add_argument(
         "--dist-eval",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -194,44 +208,110 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(value: Any) -> str:
+    """How a YAML value reads in an error message."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list):
+        return f"the list {value!r}"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _expected(action: argparse.Action) -> str:
+    """What a flag takes, for error messages."""
+    if action.nargs == 0:
+        return "true or false"
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")  # type: ignore[arg-type]
+    if action.choices is not None:
+        kind = f"one of {', '.join(map(str, action.choices))}"
+    return f"a list of {kind.removeprefix('an ').removeprefix('a ')}s" if action.nargs in ("+", "*") else kind
+
+
+def _coerce_scalar(action: argparse.Action, where: str, value: Any) -> Any:
+    """Converts one YAML scalar as argparse converts a command-line string, refusing what the CLI could not give."""
+    kind = action.type
+    if isinstance(value, str):  # what the command line gives; YAML also reads `1e-3` as a string
+        if kind in (None, str):
+            result = value
+        else:
+            try:
+                result = kind(value)  # type: ignore[misc]
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: expected {_expected(action)}, got {_describe(value)}") from None
+    elif isinstance(value, bool) or kind in (None, str) or not isinstance(value, (int, float)):
+        hint = " (quote it for a string)" if kind in (None, str) and not isinstance(value, (list, dict)) else ""
+        raise UserError(f"{where}: expected {_expected(action)}, got {_describe(value)}{hint}")
+    elif kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        result = int(value)
+    else:
+        result = kind(value)  # type: ignore[misc]
+    if action.choices is not None and result not in action.choices:
+        raise UserError(f"{where}: {result!r} is not one of {', '.join(map(str, action.choices))}")
+    return result
+
+
 def _coerce(action: argparse.Action, key: str, value: Any) -> Any:
-    """Checks a YAML value against the flag's choices and converts it like the flag's ``type`` would."""
+    """Checks a YAML value against its flag exactly as argparse checks the command line, and converts it.
+
+    Switches (``--x``, ``--x/--no-x``) take ``true``/``false`` only; typed flags take their type or a string it
+    converts; ``true``/``false`` are not numbers; an integer flag refuses a fraction; only ``nargs`` flags take a
+    list (a single value becomes a one-item list); choices are enforced. ``null`` is accepted where the default is.
+
+    Raises:
+        UserError: naming the key, what it expects and what it got.
+    """
+    where = f"config key {key!r}"
     if value is None:
-        return None
-    if action.nargs in ("+", "*") and not isinstance(value, list):
-        value = [value]
-    if action.type is not None and not isinstance(action, argparse.BooleanOptionalAction):
-        try:
-            value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
-        except (TypeError, ValueError) as e:
-            raise UserError(f"config key {key!r}: {e}") from None
-    if action.choices is not None and value not in action.choices:
-        raise UserError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
-    return value
+        if action.default is None:
+            return None
+        raise UserError(f"{where}: no value (expected {_expected(action)}); remove the key to keep the default")
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        if action.nargs == "+" and not items:
+            raise UserError(f"{where}: expected at least one value, got an empty list")
+        return [_coerce_scalar(action, where, v) for v in items]
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{where}: expected a single value ({_expected(action)}), got {_describe(value)}")
+    return _coerce_scalar(action, where, value)
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Reads flag defaults from a YAML mapping; keys are flag names with ``-`` or ``_``.
 
     Raises:
-        UserError: if the file is missing or malformed, or holds keys that are not flags (all named).
+        UserError: if the file is missing, unreadable, not UTF-8 or malformed, holds keys that are not flags (all
+            named) or a value its flag would refuse on the command line.
     """
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"cannot parse config {path}: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a mapping of flag: value")
     actions: dict[str, argparse.Action] = {}
     for a in parser._actions:
         if a.dest != "help":
             actions.setdefault(a.dest, a)
-    unknown = sorted(k for k in data if str(k).replace("-", "_") not in actions or k == "config")
+    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in actions or k == "config")
     if unknown:
-        raise UserError(f"unknown key(s) in config {path}: {', '.join(map(str, unknown))}")
+        raise UserError(f"unknown key(s) in config {path}: {', '.join(unknown)}")
     out = {}
     for k, v in data.items():
         dest = str(k).replace("-", "_")
@@ -337,6 +417,172 @@ def model_patch_size(model: nn.Module) -> int | None:
     return int(ps) if ps else None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Validation of the flags, before any data, model or process group is set up
+
+# The largest patch grid accepted: 64 x 64 = 4096 patches (1024 px at patch 16, 512 px at patch 8). Attention maps
+# grow with the square of the patch count: 4096^2 floats are 64 MiB per head and image, about 10 GiB for a batch
+# of 64 images in one layer of DeiT-tiny's 3 heads; a larger grid cannot train, and a much larger one makes timm
+# allocate a position embedding of many gigabytes before failing.
+MAX_PATCHES = 4096
+
+# timm.scheduler has no list of its schedulers: these are the names create_scheduler_v2 builds (timm 1.0). 'none'
+# (no scheduler) is left out: the training loop steps the scheduler at every epoch.
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "wsd", "rsqrt", "constant")
+
+
+def _flag(dest: str) -> str:
+    """The command-line spelling of the flag stored in ``dest`` (``batch_size`` -> ``--batch-size``)."""
+    for action in get_args_parser()._actions:
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[0]
+    return f"--{dest}"
+
+
+def _default_hint(dest: str) -> str:
+    """``default: <value>`` of the flag stored in ``dest``, as a fix hint."""
+    return f"default: {get_args_parser().get_default(dest)}"
+
+
+def _check_range(
+    args: argparse.Namespace,
+    dest: str,
+    low: float,
+    high: float | None = None,
+    *,
+    high_open: bool = False,
+    hint: str = "",
+) -> None:
+    """Raises a ``UserError`` unless ``low <= args.<dest>`` and ``args.<dest> <= high`` (``< high``: high_open)."""
+    value = getattr(args, dest)
+    if value is None:
+        return
+    ok = value >= low and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if high is None:
+            want = f"must be at least {low}"
+        else:
+            want = f"must be in [{low}, {high}{')' if high_open else ']'}"
+        raise UserError(f"{_flag(dest)} {value}: {want}; {hint or _default_hint(dest)}")
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raises a ``UserError`` unless timm's ``create_optimizer`` knows ``name`` (``lookahead_<name>`` included)."""
+    known = timm.optim.list_optimizers()
+    parts = name.lower().split("_")
+    if parts[-1] in known and (len(parts) == 1 or (len(parts) == 2 and parts[0] == "lookahead")):
+        return
+    close = difflib.get_close_matches(parts[-1], known, n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(
+        f"unknown --opt {name!r}: {hint}timm's optimizers are listed by timm.optim.list_optimizers() (DeiT: adamw; "
+        "'lookahead_<name>' wraps one in Lookahead)"
+    )
+
+
+def check_vit_model(name: str) -> int | None:
+    """Raises a ``UserError`` unless ``name`` builds a ViT-style model (one with a patch embedding).
+
+    The model is built on the meta device (no memory, a fraction of a second). Returns its patch size, or None when
+    it cannot be built that way (``build_model`` then reports what is wrong).
+    """
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001  (anything build_model would meet again and report)
+        return None
+    if getattr(model, "patch_embed", None) is None:
+        raise UserError(
+            f"--model {name} is not a ViT-style model: only models with a patch embedding are supported (DeiT, ViT "
+            "and the iRPE models, e.g. deit_small_patch16_224_ctx_product_50_shared_k); --teacher-model may be a CNN"
+        )
+    return model_patch_size(model)
+
+
+def _device_type(name: str) -> str | None:
+    try:
+        return torch.device(name).type
+    except RuntimeError:
+        return None  # resolve_device reports it
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks every flag that can be checked without data or weights, before anything is built.
+
+    A bad value is then one ``error:`` line (exit code 2) naming the flag and a fix, instead of a traceback or a
+    huge allocation minutes later.
+
+    Raises:
+        UserError: the first problem found.
+    """
+    if _IRPE_IMPORT_ERROR is not None:
+        value = os.environ.get("IRPE_BACKEND", "")
+        raise UserError(f"IRPE_BACKEND={value!r} is not an iRPE backend: use auto, torch or ops, or unset it (auto)")
+    for dest, value in sorted(vars(args).items()):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            shown = " ".join(map(str, values))
+            raise UserError(f"{_flag(dest)} {shown}: not a finite number; {_default_hint(dest)}")
+    _check_range(args, "epochs", 1, hint="train for at least one epoch (to only evaluate, use --eval)")
+    _check_range(args, "batch_size", 1, hint="the batch size is per process")
+    _check_range(args, "num_workers", 0, hint="0 loads the data in the main process")
+    for dest in ("lr", "min_lr", "warmup_lr"):
+        _check_range(args, dest, 0, hint="learning rates cannot be negative (DeiT: --lr 5e-4 for a batch of 512)")
+    for dest in ("weight_decay", "momentum", "opt_eps", "color_jitter", "mixup", "cutmix", "decay_rate"):
+        _check_range(args, dest, 0)
+    for dest in ("warmup_epochs", "cooldown_epochs", "patience_epochs", "start_epoch", "recount"):
+        _check_range(args, dest, 0)
+    for dest in ("print_freq", "tb_log_freq"):
+        _check_range(args, dest, 1)
+    for dest in ("drop", "drop_path"):
+        _check_range(args, dest, 0, 1, high_open=True, hint="rates are probabilities (DeiT: --drop-path 0.1)")
+    _check_range(args, "smoothing", 0, 1, high_open=True, hint="1 would make every target uniform (DeiT: 0.1)")
+    for dest in ("reprob", "mixup_prob", "mixup_switch_prob", "model_ema_decay", "distillation_alpha"):
+        _check_range(args, dest, 0, 1)
+    for dest in ("decay_epochs", "distillation_tau", "clip_grad"):
+        value = getattr(args, dest)
+        if value is not None and value <= 0:
+            hint = "omit it for no clipping" if dest == "clip_grad" else _default_hint(dest)
+            raise UserError(f"{_flag(dest)} {value}: must be positive; {hint}")
+
+    check_optimizer_name(args.opt)
+    if args.sched not in SCHEDULERS:
+        raise UserError(f"unknown --sched {args.sched!r}: timm's schedulers are {', '.join(SCHEDULERS)} (DeiT: cosine)")
+
+    check_model_name(args.model)
+    patch = check_vit_model(args.model) or _patch_size_from_name(args.model)
+    if args.input_size < max(patch or 1, 1):
+        raise UserError(
+            f"--input-size {args.input_size}: the image size must be a positive multiple of the patch size"
+            f"{f' {patch}' if patch else ''} (e.g. 224)"
+        )
+    check_input_size(args.input_size, patch, args.model)
+    if patch and (args.input_size // patch) ** 2 > MAX_PATCHES:
+        side = int(MAX_PATCHES**0.5)
+        raise UserError(
+            f"--input-size {args.input_size}: {(args.input_size // patch) ** 2} patches of {patch} px; at most "
+            f"{MAX_PATCHES} ({side * patch} px) are supported, as attention memory grows with the square of the "
+            "patch count"
+        )
+
+    for dest in ("output_dir", "log_dir"):
+        path = getattr(args, dest)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{_flag(dest)} {path} is a file, not a directory: pick another path")
+
+    if args.eval and not (args.resume or args.pretrained or args.eval_random_init):
+        note = " (--finetune is not applied with --eval)" if args.finetune else ""
+        raise UserError(
+            f"--eval without --resume or --pretrained would evaluate randomly initialized weights{note}: pass "
+            "--resume CHECKPOINT or --pretrained, or --eval-random-init if that is what you want"
+        )
+    if args.attn_impl == "flex" and not args.eval and _device_type(args.device) == "cpu":
+        raise UserError(
+            "--attn-impl flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward): use auto, ops, sdpa "
+            "or math on CPU; flex works on CPU for --eval only"
+        )
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     """Creates ``args.model`` with timm at ``args.input_size``.
 
@@ -383,7 +629,7 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def load_model_state(model: nn.Module, state_dict: dict[str, Any], source: str, model_name: str) -> None:
     """Loads ``state_dict`` strictly, or raises a ``UserError`` listing missing/unexpected/mismatched keys."""
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = _strip_prefixes(check_state_dict(state_dict, source))
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -408,12 +654,90 @@ def load_model_state(model: nn.Module, state_dict: dict[str, Any], source: str, 
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_finetune_weights(model: nn.Module, source: str) -> None:
-    """Loads a checkpoint for finetuning: drops a head of another class count and resizes the position embedding."""
-    ckpt = utils.load_checkpoint(source)
-    state_dict = _strip_prefixes(ckpt.get("model", ckpt))
+def check_state_dict(state_dict: Any, source: str, entry: str = "model") -> dict[str, torch.Tensor]:
+    """Returns ``state_dict`` if it maps parameter names to tensors, else raises a ``UserError`` on what it holds."""
+    where = f"checkpoint {source}: {entry!r}"
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{where} must map parameter names to tensors, got a {type(state_dict).__name__}")
+    for k, v in state_dict.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise UserError(
+                f"{where} must map parameter names to tensors, but {k!r} holds a {type(v).__name__}"
+                " (is it a checkpoint written by main.py or a state_dict()?)"
+            )
+    return state_dict
+
+
+def check_resume_checkpoint(ckpt: dict[str, Any], source: str) -> None:
+    """Checks the entries of a ``--resume`` checkpoint that ``main`` reads, before the data and model are built.
+
+    Raises:
+        UserError: an entry is missing or of the wrong kind (named, with what it holds).
+    """
+    if "model" not in ckpt:
+        raise UserError(f"checkpoint {source} has no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    check_state_dict(ckpt["model"], source)
+    if ckpt.get("model_ema") is not None:
+        check_state_dict(ckpt["model_ema"], source, "model_ema")
+    epoch = ckpt.get("epoch")
+    if "epoch" in ckpt and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise UserError(f"checkpoint {source}: 'epoch' must be a non-negative integer, got {_describe(epoch)}")
+    for key in ("optimizer", "lr_scheduler"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise UserError(f"checkpoint {source}: {key!r} must be a state dict, got a {type(ckpt[key]).__name__}")
+    acc = ckpt.get("max_accuracy", 0.0)
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
+        raise UserError(f"checkpoint {source}: 'max_accuracy' must be a number, got {_describe(acc)}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str, args: Any) -> None:
+    """Loads a checkpoint's optimizer state, or raises a ``UserError`` when it belongs to another model/optimizer.
+
+    ``Optimizer.load_state_dict`` checks only the number of parameters per group; the shapes of the moment buffers
+    are checked here too (a mismatch would otherwise fail at the first step).
+    """
+    why = (
+        f"checkpoint {source}: its optimizer state does not fit --opt {args.opt} on {args.model} (saved with "
+        f"another model, --opt or parameter grouping?); to start from its weights only, use --finetune {source}"
+    )
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise UserError(f"{why} ({type(e).__name__}: {e})") from None
+    for param, param_state in optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+            buf = param_state.get(key)
+            if isinstance(buf, torch.Tensor) and buf.shape != param.shape:
+                raise UserError(f"{why} ({key} {tuple(buf.shape)} for a parameter {tuple(param.shape)})")
+
+
+# Keys that finetuning adapts instead of copying: a head of another class count is dropped, the position embedding
+# is resampled to the model's patch grid.
+FINETUNE_HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+
+
+def load_finetune_weights(
+    model: nn.Module, source: str, ckpt: dict[str, Any] | None = None, model_name: str = "the model"
+) -> None:
+    """Loads a checkpoint for finetuning: drops a head of another class count and resizes the position embedding.
+
+    Weights the model lacks or the checkpoint lacks are reported and skipped (e.g. the iRPE tables when starting from
+    a DeiT checkpoint).
+
+    Raises:
+        UserError: no weight of the checkpoint matches the model (another architecture), or shapes differ beyond
+            the head and the position embedding (another model size).
+    """
+    ckpt = ckpt if ckpt is not None else utils.load_checkpoint(source)
+    state_dict = _strip_prefixes(check_state_dict(ckpt.get("model", ckpt), source))
     own = model.state_dict()
-    for k in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+    matched = [k for k in state_dict if k in own]
+    if not matched:
+        raise UserError(
+            f"--finetune {source}: none of its {len(state_dict)} weights (e.g. {', '.join(list(state_dict)[:3])}) is "
+            f"a weight of {model_name}: it is from another architecture; use a checkpoint of a ViT/DeiT model"
+        )
+    for k in FINETUNE_HEAD_KEYS:
         if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
             print(f"Removing key {k} from pretrained checkpoint")
             del state_dict[k]
@@ -423,8 +747,22 @@ def load_finetune_weights(model: nn.Module, source: str) -> None:
         num_prefix = int(getattr(model, "num_prefix_tokens", 1 + int(getattr(model, "dist_token", None) is not None)))
         grid = getattr(model.patch_embed, "grid_size", None)
         new_size = list(grid) if grid is not None else [int((own["pos_embed"].shape[1] - num_prefix) ** 0.5)] * 2
-        state_dict["pos_embed"] = resample_abs_pos_embed(
-            state_dict["pos_embed"], new_size=new_size, num_prefix_tokens=num_prefix
+        try:
+            state_dict["pos_embed"] = resample_abs_pos_embed(
+                state_dict["pos_embed"], new_size=new_size, num_prefix_tokens=num_prefix
+            )
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--finetune {source}: cannot resample its pos_embed to {model_name}: {e}") from None
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        shown = ", ".join(mismatched[:6]) + (f" ... ({len(mismatched)} in all)" if len(mismatched) > 6 else "")
+        raise UserError(
+            f"--finetune {source}: weight shapes differ from {model_name} (checkpoint vs model): {shown}; only the "
+            "head and the position embedding are adapted, so use a checkpoint of the same model size"
         )
     result = model.load_state_dict(state_dict, strict=False)
     print(f"Finetuning from {source}: {result}")
@@ -520,6 +858,142 @@ class TensorBoardLogger:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Outputs: the save order of an epoch, and the repair on resume
+#
+# checkpoint.pth is the commit point of an epoch. Rank 0 writes epoch e's outputs in this order:
+#   1. best_checkpoint.pth, when e improved on max_accuracy (atomic: temporary file, fsync, rename);
+#   2. e's line appended to log.txt (flushed and fsynced);
+#   3. checkpoint.pth (atomic), holding epoch e.
+# Invariant: with c the epoch in checkpoint.pth, a kill at any instant leaves
+#   - log.txt with exactly one line for each epoch <= c, then at most one line of epoch c + 1 (maybe cut short);
+#   - best_checkpoint.pth with the most accurate weights measured so far: those of an epoch <= c, or of epoch c + 1
+#     when the kill came after step 1. Its max_accuracy is never below checkpoint.pth's, so no kill loses best
+#     weights (a rename replaces the previous best only with complete, better weights);
+#   - at most one temporary ``.<file>.*.tmp`` per file, left by a kill inside an atomic write.
+# Resuming from checkpoint.pth restores it (reconcile_outputs): the temporary files are deleted, the log lines after
+# c are dropped (atomic rewrite), and max_accuracy is taken from best_checkpoint.pth. Epoch c + 1 is then trained
+# again, logged once, and replaces best_checkpoint.pth only if more accurate. reconcile_outputs also repairs output
+# folders of earlier versions, which wrote log.txt, then checkpoint.pth, then best_checkpoint.pth (duplicated log
+# lines; a best_checkpoint.pth below checkpoint.pth's max_accuracy, restored from checkpoint.pth when that holds the
+# best epoch).
+# The kill points of the test hook (utils.kill_point, IRPE_TEST_KILL_AT) sit inside these three writes.
+
+OUTPUT_FILES = ("best_checkpoint.pth", "log.txt", "checkpoint.pth")
+
+
+def save_epoch_outputs(output_dir: Path, state: dict[str, Any], log_stats: dict[str, Any], improved: bool) -> None:
+    """Writes one epoch's best checkpoint (if ``improved``), log line and checkpoint, in the order above (rank 0).
+
+    Raises:
+        UserError: a write failed (e.g. the disk is full): names the file and says what is intact.
+    """
+    ckpt_path = output_dir / "checkpoint.pth"
+    if ckpt_path.exists():
+        intact = f"the previous {ckpt_path} is intact"
+    else:
+        intact = "no checkpoint was written yet"
+    steps = [
+        ("best_checkpoint.pth", lambda: utils.atomic_torch_save(state, output_dir / "best_checkpoint.pth")),
+        ("log.txt", lambda: utils.append_line(output_dir / "log.txt", json.dumps(log_stats))),
+        ("checkpoint.pth", lambda: utils.atomic_torch_save(state, ckpt_path)),
+    ]
+    for name, write in steps[0 if improved else 1 :]:
+        try:
+            write()
+        except OSError as e:
+            previous = f"{name} is unchanged, " if name == "best_checkpoint.pth" else ""
+            raise UserError(
+                f"cannot write {output_dir / name}: {e.strerror or e}; {previous}{intact}: free disk space, then "
+                f"continue with --resume {ckpt_path}"
+            ) from None
+
+
+def _reconcile_log(path: Path, epoch: int) -> float | None:
+    """Keeps one line per epoch <= ``epoch`` in log.txt (the last one), rewriting it atomically if that changes it.
+
+    Returns:
+        The ``test_acc1`` logged for ``epoch``, or None.
+    """
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    dropped = int(bool(lines.pop()))  # the last piece is "" after a final newline, else a line cut by a kill
+    kept: dict[int, str] = {}
+    for line in lines:
+        try:
+            e = int(json.loads(line)["epoch"])
+        except (ValueError, KeyError, TypeError):
+            dropped += bool(line.strip())
+            continue
+        if e > epoch:
+            dropped += 1
+            continue
+        dropped += e in kept  # a line repeated by a resumed run of an earlier version: the later one is kept
+        kept[e] = line
+    new_text = "".join(kept[e] + "\n" for e in sorted(kept))
+    if new_text != text:
+        utils.atomic_write_text(path, new_text)
+        print(f"{path}: removed {dropped} line(s) of epochs after {epoch}, repeated or cut short by a kill")
+    if epoch not in kept:
+        return None
+    acc = json.loads(kept[epoch]).get("test_acc1")
+    return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def _max_accuracy_of(path: Path) -> float:
+    """The ``max_accuracy`` stored in a checkpoint of ours (read memory-mapped: no full load)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (e.g. not a zip checkpoint: load it as any other checkpoint)
+        ckpt = utils.load_checkpoint(str(path))
+    return float(ckpt.get("max_accuracy", 0.0))
+
+
+def reconcile_outputs(output_dir: Path, ckpt: dict[str, Any], ckpt_path: Path) -> float:
+    """Restores the save-order invariant after a kill, before resuming from ``ckpt`` (rank 0, see above).
+
+    Args:
+        output_dir: The run's output folder, which holds ``ckpt_path``.
+        ckpt: The loaded checkpoint resumed from.
+        ckpt_path: Its file.
+
+    Returns:
+        The max_accuracy to continue with: that of best_checkpoint.pth, so that it is replaced only by better weights.
+    """
+    epoch = int(ckpt["epoch"])
+    max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    logged_acc = _reconcile_log(output_dir / "log.txt", epoch)
+    own_acc = ckpt.get("test_acc1", logged_acc)
+    best_path = output_dir / "best_checkpoint.pth"
+    best_acc = _max_accuracy_of(best_path) if best_path.is_file() else None
+    if best_acc is not None and best_acc >= max_accuracy:
+        if best_acc > max_accuracy:
+            print(
+                f"{best_path} holds {best_acc:.2f}% (epoch {epoch + 1}, cut short by a kill), above the checkpoint's "
+                f"{max_accuracy:.2f}%: kept; later epochs replace it only with more accurate weights"
+            )
+        return best_acc
+    if own_acc is not None and float(own_acc) >= max_accuracy:  # checkpoint.pth holds the best epoch itself
+        utils.atomic_copy(ckpt_path, best_path)
+        before = "was missing" if best_acc is None else f"held {best_acc:.2f}%"
+        print(f"{best_path} {before}: restored from {ckpt_path} (epoch {epoch}, {max_accuracy:.2f}%)")
+        return max_accuracy
+    utils.eprint(
+        f"warning: the weights of max_accuracy {max_accuracy:.2f}% are in neither {best_path} nor {ckpt_path}; "
+        "best_checkpoint.pth will hold the best epoch from here on"
+    )
+    return best_acc if best_acc is not None else 0.0
+
+
+def _same_file(a: str | Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -530,6 +1004,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         The last evaluation statistics (and ``max_accuracy`` when training).
     """
     resolved = argparse.Namespace(**vars(args))  # the flags as given, for args.yaml and checkpoints
+    validate_args(args)  # every flag, before the process group, the data and the model
     device = resolve_device(args.device)  # before the process group: a bad device is one error line per rank
     utils.init_distributed_mode(args)
     amp_dtype = resolve_amp_dtype(args, device)
@@ -540,11 +1015,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output_dir {output_dir}: {e.strerror or e}") from None
+        for tmp in utils.remove_stale_temp_files(output_dir, OUTPUT_FILES):
+            print(f"Removed {tmp}, left by a run killed while saving")
         write_args_yaml(resolved, output_dir / "args.yaml")
 
-    check_model_name(args.model)
-    check_input_size(args.input_size, _patch_size_from_name(args.model), args.model)
+    # Checkpoints are read and checked before the data and the model are built: a wrong file fails in seconds.
+    resume_ckpt = utils.load_checkpoint(args.resume) if args.resume else None
+    if resume_ckpt is not None:
+        check_resume_checkpoint(resume_ckpt, args.resume)
+    finetune_ckpt = utils.load_checkpoint(args.finetune) if args.finetune and not args.eval else None
+    if finetune_ckpt is not None:
+        check_state_dict(finetune_ckpt.get("model", finetune_ckpt), args.finetune)
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args, class_to_idx=getattr(dataset_train, "class_to_idx", None))
     args.nb_classes = nb_classes
@@ -572,7 +1057,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.finetune and not args.eval:
         if args.distillation_type != "none":
             raise UserError("finetuning with distillation is not supported")
-        load_finetune_weights(model, args.finetune)
+        load_finetune_weights(model, args.finetune, finetune_ckpt, args.model)
+        finetune_ckpt = None
     model.to(device)
     model_without_ddp = model
 
@@ -592,7 +1078,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     opt_args = argparse.Namespace(**vars(args))
     opt_args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0  # DeiT's linear scaling rule
     print(f"lr: {args.lr} scaled to {opt_args.lr:.3e} (batch {args.batch_size} x {utils.get_world_size()} / 512)")
-    optimizer = create_optimizer(opt_args, model_without_ddp)
+    try:
+        optimizer = create_optimizer(opt_args, model_without_ddp)
+    except (ImportError, AssertionError) as e:  # apex / bitsandbytes optimizers: package or CUDA missing
+        raise UserError(f"--opt {args.opt} is not available here: {e}") from None
     loss_scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     lr_scheduler, _ = create_scheduler(opt_args, optimizer)
 
@@ -610,13 +1099,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     max_accuracy = 0.0
-    if args.resume:
-        ckpt = utils.load_checkpoint(args.resume)
-        if "model" not in ckpt:
-            raise UserError(f"checkpoint {args.resume} has no 'model' entry")
+    if resume_ckpt is not None:
+        ckpt, resume_ckpt = resume_ckpt, None
         load_model_state(model_without_ddp, ckpt["model"], args.resume, args.model)
-        if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+        if not args.eval and ckpt.get("optimizer") is not None and "epoch" in ckpt:
+            load_optimizer_state(optimizer, ckpt["optimizer"], args.resume, args)
             if ckpt.get("lr_scheduler"):
                 lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
             args.start_epoch = int(ckpt["epoch"]) + 1
@@ -625,7 +1112,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if loss_scaler is not None and ckpt.get("scaler"):
                 loss_scaler.load_state_dict(ckpt["scaler"])
             max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+            if output_dir is not None and utils.is_main_process() and _same_file(Path(args.resume).parent, output_dir):
+                max_accuracy = reconcile_outputs(output_dir, ckpt, Path(args.resume))  # after a kill, see above
             print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+        del ckpt
 
     eval_sync = args.dist_eval or not args.distributed
     if args.eval:
@@ -673,9 +1163,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "max_accuracy": max_accuracy,
             }
             tb.epoch_end(epoch, log_stats)
-            if output_dir is not None and utils.is_main_process():
-                with (output_dir / "log.txt").open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(log_stats) + "\n")
             if output_dir is not None:
                 state = {
                     "model": model_without_ddp.state_dict(),
@@ -685,11 +1172,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
                     "scaler": scaler_state(loss_scaler),
                     "max_accuracy": max_accuracy,
+                    "test_acc1": test_stats["acc1"],  # tells reconcile_outputs whether this epoch is the best
                     "args": utils.to_plain(resolved),
                 }
-                utils.save_on_master(state, output_dir / "checkpoint.pth")
-                if improved:
-                    utils.save_on_master(state, output_dir / "best_checkpoint.pth")
+                if utils.is_main_process():
+                    save_epoch_outputs(output_dir, state, log_stats, improved)  # crash-safe order, see above
     finally:
         tb.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
@@ -701,9 +1188,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: runs ``main`` and turns user errors into ``error: ...`` and an exit code."""
     try:
         args = parse_args(argv)
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        main(args)
+        main(args)  # validates the flags first, then creates --output_dir (rank 0)
         return 0
     except UserError as e:
         utils.eprint(f"error: {utils.user_message(e)}")

@@ -11,13 +11,15 @@ import argparse
 import builtins
 import datetime
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -291,26 +293,57 @@ def to_plain(obj: Any) -> Any:
     return str(obj)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Saves ``obj`` with ``torch.save`` so that ``path`` holds either the old or the complete new file.
+# Test hook: the crash-consistency tests (tests/test_crash_consistency.py) set IRPE_TEST_KILL_AT to make a run kill
+# itself inside the save sequence. Unset (always, outside those tests) it costs one dictionary lookup per point.
+KILL_AT_ENV = "IRPE_TEST_KILL_AT"
+_kill_point_hits: defaultdict[str, int] = defaultdict(int)
 
-    Writes to a temporary file in the same directory, flushes and fsyncs it, then ``os.replace``s it over
-    ``path`` (atomic on POSIX and Windows); a crash or error mid-write leaves the previous file intact.
+
+def kill_point(name: str) -> None:
+    """Test hook: SIGKILLs this process at the save-sequence point ``name`` when ``IRPE_TEST_KILL_AT`` asks for it.
+
+    ``IRPE_TEST_KILL_AT=<point>`` kills at the first time the point is reached, ``<point>#<n>`` at the n-th (e.g.
+    ``checkpoint.pth:written#2``: the second epoch's checkpoint, fully written but not yet renamed). The points are
+    ``<file>:partial`` (part of the temporary file or of the log line written), ``<file>:written`` (temporary file
+    complete and fsynced, not renamed) and ``<file>:replaced`` (renamed over ``<file>``; ``log.txt:appended`` for the
+    log), for ``<file>`` in ``best_checkpoint.pth``, ``log.txt`` and ``checkpoint.pth``. SIGKILL, as ``kill -9`` or a
+    lost node: no handler, ``finally`` block or buffered write runs.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("#")
+    if point != name:
+        return
+    _kill_point_hits[name] += 1
+    if _kill_point_hits[name] == int(nth or 1):
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_file_pattern(name: str) -> str:
+    """The glob of the temporary files :func:`atomic_write` makes for a file called ``name`` (``.<name>.*.tmp``)."""
+    return f".{name}.*.tmp"
+
+
+def remove_stale_temp_files(directory: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Deletes the temporary files a killed :func:`atomic_write` of one of ``names`` left in ``directory``.
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(directory).glob(temp_file_pattern(name)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes a rename in ``directory`` durable (best effort: some file systems refuse to fsync a directory)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -319,6 +352,113 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Writes ``path`` through ``write(file)`` so that ``path`` holds either the old or the complete new content.
+
+    ``write`` fills a temporary file ``.<name>.<random>.tmp`` in the same directory, which is flushed, fsynced and
+    ``os.replace``d over ``path`` (atomic on POSIX and Windows). An error removes the temporary file and leaves the
+    previous ``path`` intact; a kill leaves the temporary file, which :func:`remove_stale_temp_files` deletes.
+
+    Raises:
+        OSError: the write failed (e.g. ``ENOSPC``, disk full); ``path`` is unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        kill_point(f"{path.name}:written")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    kill_point(f"{path.name}:replaced")
+
+
+class _WriteErrorRecorder:
+    """Forwards ``write`` to a binary file and keeps the first ``OSError`` it raised.
+
+    ``torch.save`` turns a failed write (e.g. ``ENOSPC``) into ``RuntimeError: ... unexpected pos ...``, which hides
+    the cause; :func:`atomic_torch_save` re-raises the recorded ``OSError`` instead.
+    """
+
+    def __init__(self, f: IO[bytes], name: str) -> None:
+        self.f = f
+        self.name = name
+        self.error: OSError | None = None
+        self.writes = 0
+
+    def write(self, data: bytes) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.writes += 1
+        if self.writes == 1 and os.environ.get(KILL_AT_ENV):  # test hook: a kill with the file partly written
+            self.f.flush()
+            kill_point(f"{self.name}:partial")
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """Saves ``obj`` with ``torch.save`` so that ``path`` holds either the old or the complete new file.
+
+    See :func:`atomic_write` (temporary file, fsync, rename).
+
+    Raises:
+        OSError: the write failed (e.g. ``ENOSPC``, not torch's ``unexpected pos`` error); ``path`` is unchanged.
+    """
+    path = Path(path)
+
+    def write(f: IO[bytes]) -> None:
+        recorder = _WriteErrorRecorder(f, path.name)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Replaces the text file ``path`` atomically with ``text`` (UTF-8), as :func:`atomic_write`."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copies ``src`` to ``dst`` atomically, as :func:`atomic_write`."""
+    with open(src, "rb") as source:
+        atomic_write(dst, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
+def append_line(path: str | os.PathLike[str], line: str) -> None:
+    """Appends ``line`` and a newline to the text file ``path``, flushed and fsynced.
+
+    A kill can leave part of the line (no newline at the end); readers such as ``main.reconcile_outputs`` drop it.
+    """
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    with path.open("ab") as f:
+        f.write(data[: len(data) // 2])
+        if os.environ.get(KILL_AT_ENV):  # test hook: a kill with half the line written
+            f.flush()
+            kill_point(f"{path.name}:partial")
+        f.write(data[len(data) // 2 :])
+        f.flush()
+        os.fsync(f.fileno())
+    kill_point(f"{path.name}:appended")
 
 
 def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -336,24 +476,20 @@ CHECKPOINT_SAFE_GLOBALS: list[type] = [argparse.Namespace]
 def load_checkpoint(source: str) -> dict[str, Any]:
     """Loads a checkpoint from a local path or an http(s) URL with ``weights_only=True``.
 
+    URLs go through :func:`models.fetch_checkpoint`, as pretrained weights do: cached per URL, downloaded with
+    timeouts, and checked with the server (ETag/Last-Modified) each time, so a checkpoint replaced on the server is
+    downloaded again. The file is read by :func:`models.load_checkpoint_file` (:data:`CHECKPOINT_SAFE_GLOBALS`).
+
     Raises:
-        UserError: if the file is missing or is not a plain-data checkpoint.
+        UserError: if the file is missing, cannot be downloaded or is not a plain-data checkpoint.
     """
+    import models  # here, not at the top: models imports the model code, which the other utilities do not need
+
     try:
-        if source.startswith(("http://", "https://")):
-            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-                ckpt = torch.hub.load_state_dict_from_url(
-                    source, map_location="cpu", check_hash=False, weights_only=True
-                )
-        else:
-            if not os.path.isfile(source):
-                raise UserError(f"checkpoint not found: {source}")
-            with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-                ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as e:  # unpickling errors, truncated files, HTTP errors
-        raise UserError(f"cannot load checkpoint {source}: {type(e).__name__}: {e}") from e
+        path = models.fetch_checkpoint(source, revalidate=True)
+        ckpt = models.read_checkpoint(path, location=source)
+    except models.PretrainedWeightsError as e:
+        raise UserError(f"cannot load checkpoint {source}: {e}") from e
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {source} is not a dict (got {type(ckpt).__name__})")
     return ckpt

@@ -79,8 +79,8 @@ def test_download_through_hub_cache(mirror, hub_dir: Path, monkeypatch: pytest.M
     monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
     model = timm.create_model(NAME, pretrained=True, **SMALL)
     _assert_loaded(model, state)
-    cached = hub_dir / "checkpoints" / f"{NAME}.pth"
-    assert cached.is_file()
+    cached = models.cached_download_path(f"{url}{NAME}.pth", hub_dir / "checkpoints")
+    assert cached.is_file() and cached.name == f"{NAME}.pth" and cached.parent.parent == hub_dir / "checkpoints"
     # a second build reads the cache: it works with the mirror gone
     (served / "zoo" / f"{NAME}.pth").unlink()
     _assert_loaded(timm.create_model(NAME, pretrained=True, **SMALL), state)
@@ -92,7 +92,7 @@ def test_timm_cache_dir_and_hub_load(mirror, hub_dir: Path, tmp_path: Path, monk
     monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
     model = timm.create_model(NAME, pretrained=True, cache_dir=tmp_path / "timm_cache", **SMALL)
     _assert_loaded(model, state)
-    assert (tmp_path / "timm_cache" / f"{NAME}.pth").is_file()
+    assert models.cached_download_path(f"{url}{NAME}.pth", tmp_path / "timm_cache").is_file()
     hub_model = torch.hub.load(str(REPO_ROOT), NAME, source="local", pretrained=True, verbose=False, **SMALL)
     _assert_loaded(hub_model, state)
 
@@ -124,7 +124,7 @@ def test_missing_checkpoint_404(mirror, hub_dir: Path, monkeypatch: pytest.Monke
     message = str(info.value)
     assert f"{url}{NAME}.pth" in message and "404" in message
     assert str(hub_dir / "checkpoints") in message and "--resume" in message
-    assert not (hub_dir / "checkpoints" / f"{NAME}.pth").exists(), "a failed download leaves nothing behind"
+    assert not any((hub_dir / "checkpoints").rglob("*")), "a failed download leaves nothing behind"
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -137,7 +137,9 @@ def test_broken_checkpoint(mirror, hub_dir: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
     with pytest.raises(PretrainedWeightsError, match="not a readable checkpoint") as info:
         timm.create_model(NAME, pretrained=True, **SMALL)
-    assert str(hub_dir / "checkpoints" / f"{NAME}.pth") in str(info.value) and "--resume" in str(info.value)
+    cached = models.cached_download_path(f"{url}{NAME}.pth", hub_dir / "checkpoints")
+    assert f"nothing was cached (cache file: {cached})" in str(info.value) and "--resume" in str(info.value)
+    assert not any((hub_dir / "checkpoints").rglob("*")), "the bad download is not kept"
 
 
 def test_structural_mismatch_lists_keys(tmp_path: Path, hub_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

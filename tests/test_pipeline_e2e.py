@@ -158,7 +158,7 @@ def test_user_error_from_a_dataloader_worker_is_one_line(data, tmp_path):
     (tmp_path / "val" / "n00000002" / "zz_broken.png").write_bytes(b"\x89PNG garbage")
     args = list(COMMON)
     args[args.index("--num_workers") + 1] = "1"
-    proc = run_main(*args, "--data-path", str(tmp_path), "--eval")
+    proc = run_main(*args, "--data-path", str(tmp_path), "--eval", "--eval-random-init")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot read image ") and "zz_broken.png" in last

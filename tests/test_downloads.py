@@ -1,0 +1,379 @@
+"""Checkpoint downloads (models.fetch_checkpoint, utils.load_checkpoint) against misbehaving servers on 127.0.0.1.
+
+The cache is keyed by the whole URL, a download becomes a cache file only when complete and loadable, every network
+call has a timeout (``IRPE_DOWNLOAD_TIMEOUT``, short here), only http(s) URLs are fetched, and local files are never
+deleted. Each hanging-server case finishes in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import models
+import rpe_models
+import utils
+from models import PretrainedWeightsError
+from utils import UserError
+
+NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
+SMALL = {"img_size": 32, "num_classes": 4, "depth": 1}
+TIMEOUT = "0.5"  # IRPE_DOWNLOAD_TIMEOUT for the tests of hanging servers
+
+Behaviour = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+@dataclass
+class Server:
+    """A test HTTP server: files under ``root``, plus ``behaviours`` (request path -> handler function) that win."""
+
+    url: str
+    root: Path
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (path, headers) of every GET
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        state: Server = self.server.state  # type: ignore[attr-defined]
+        state.requests.append((self.path, dict(self.headers)))
+        behaviour = state.behaviours.get(self.path)
+        if behaviour is not None:
+            behaviour(self)
+        else:
+            super().do_GET()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path) -> Iterator[Path]:
+    """torch.hub's directory inside tmp_path; downloads are cached in ``<hub_dir>/checkpoints``."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_dir: Path) -> Iterator[Server]:
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    httpd.daemon_threads = True
+    state = Server(url=f"http://127.0.0.1:{httpd.server_address[1]}", root=root)
+    httpd.state = state  # type: ignore[attr-defined]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    try:
+        yield state
+    finally:
+        state.stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def _save(path: Path, epoch: int, size: int = 16) -> bytes:
+    """A training-style checkpoint (``model``, ``epoch``, DeiT's ``args`` Namespace); returns its bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {"w": torch.full((size,), float(epoch))}, "epoch": epoch, "args": argparse.Namespace()}, path)
+    return path.read_bytes()
+
+
+def _save_zoo_checkpoint(path: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A release-style ``{'model': state_dict}`` of a small build of :data:`NAME`."""
+    torch.manual_seed(seed)
+    state = rpe_models.create_irpe_deit(NAME, **SMALL).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state}, path)
+    return state
+
+
+def _cache_files(hub_dir: Path) -> list[str]:
+    """Every file under the download cache, relative to it (temporary files included)."""
+    cache = hub_dir / "checkpoints"
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. The cache is keyed by the whole URL; --resume URLs are checked with the server.
+
+
+def test_same_file_name_at_two_urls_are_two_downloads(server: Server, hub_dir: Path) -> None:
+    _save(server.root / "run1" / "checkpoint.pth", epoch=1)
+    _save(server.root / "run2" / "checkpoint.pth", epoch=2)
+    assert utils.load_checkpoint(f"{server.url}/run1/checkpoint.pth")["epoch"] == 1
+    assert utils.load_checkpoint(f"{server.url}/run2/checkpoint.pth")["epoch"] == 2
+    first = models.fetch_checkpoint(f"{server.url}/run1/checkpoint.pth", progress=False)
+    second = models.fetch_checkpoint(f"{server.url}/run2/checkpoint.pth", progress=False)
+    assert first != second and first.name == second.name == "checkpoint.pth", "the file name stays readable"
+
+
+def test_zoo_mirrors_do_not_share_cached_files(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_a = _save_zoo_checkpoint(server.root / "a" / f"{NAME}.pth", seed=0)
+    state_b = _save_zoo_checkpoint(server.root / "b" / f"{NAME}.pth", seed=1)
+    for mirror, state in (("a", state_a), ("b", state_b)):
+        monkeypatch.setenv("IRPE_MODEL_ZOO_URL", f"{server.url}/{mirror}/")
+        model = timm.create_model(NAME, pretrained=True, **SMALL)
+        torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)
+
+
+def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir: Path) -> None:
+    path = server.root / "run" / "checkpoint.pth"
+    url = f"{server.url}/run/checkpoint.pth"
+    _save(path, epoch=1)
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert utils.load_checkpoint(url)["epoch"] == 1
+    assert utils.load_checkpoint(url)["epoch"] == 1
+    assert "If-Modified-Since" in server.requests[-1][1], "the cached copy is checked with the server (304)"
+    _save(path, epoch=2)  # the next epoch's checkpoint, written later
+    assert utils.load_checkpoint(url)["epoch"] == 2
+    # zoo weights (immutable releases) are used from the cache without asking the server
+    count = len(server.requests)
+    models.fetch_checkpoint(url, progress=False)
+    assert len(server.requests) == count
+
+
+def test_revalidation_failure_keeps_and_names_the_earlier_copy(server: Server, hub_dir: Path) -> None:
+    _save(server.root / "checkpoint.pth", epoch=1)
+    url = f"{server.url}/checkpoint.pth"
+    utils.load_checkpoint(url)
+    server.behaviours["/checkpoint.pth"] = lambda h: h.send_error(503, "down for maintenance")
+    with pytest.raises(UserError, match="503") as info:
+        utils.load_checkpoint(url)
+    cached = models.cached_download_path(url, hub_dir / "checkpoints")
+    assert f"the copy downloaded earlier, {cached}, was kept" in str(info.value) and cached.is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Short or corrupt downloads never reach the cache; a retry after the server is fixed works.
+
+
+def _short_body(data: bytes) -> Behaviour:
+    def send(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data[: len(data) // 3])
+        handler.close_connection = True
+
+    return send
+
+
+@pytest.mark.parametrize("damage", ["short body", "garbage", "truncated file"])
+def test_bad_download_is_not_cached_and_retry_works(server: Server, hub_dir: Path, damage: str) -> None:
+    path = server.root / "ckpt.pth"
+    data = _save(path, epoch=3, size=4096)
+    url = f"{server.url}/ckpt.pth"
+    if damage == "short body":
+        server.behaviours["/ckpt.pth"] = _short_body(data)
+    else:
+        path.write_bytes(b"<html>not a checkpoint</html>" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(PretrainedWeightsError) as info:
+        models.fetch_checkpoint(url, progress=False)
+    message = str(info.value)
+    expected = "received" if damage == "short body" else "not a readable checkpoint"
+    assert expected in message and url in message
+    assert str(models.cached_download_path(url, hub_dir / "checkpoints")) in message
+    assert _cache_files(hub_dir) == [], "nothing cached, no temporary file left behind"
+    server.behaviours.clear()  # the server is fixed
+    path.write_bytes(data)
+    assert utils.load_checkpoint(url)["epoch"] == 3
+
+
+def test_corrupted_cached_download_is_deleted_and_fetched_again(
+    server: Server, hub_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _save_zoo_checkpoint(server.root / "zoo" / f"{NAME}.pth", seed=0)
+    monkeypatch.setenv("IRPE_MODEL_ZOO_URL", f"{server.url}/zoo/")
+    timm.create_model(NAME, pretrained=True, **SMALL)
+    cached = models.cached_download_path(f"{server.url}/zoo/{NAME}.pth", hub_dir / "checkpoints")
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged on disk after the download
+    with pytest.raises(PretrainedWeightsError, match="cached download .* has been deleted") as info:
+        timm.create_model(NAME, pretrained=True, **SMALL)
+    assert str(cached) in str(info.value) and not cached.exists()
+    torch.testing.assert_close(timm.create_model(NAME, pretrained=True, **SMALL).state_dict(), state)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Nothing hangs: timeouts, a minimum rate, http(s) only.
+
+
+def _trickle(handler: http.server.BaseHTTPRequestHandler) -> None:
+    """Announces a large body and sends 10 bytes every 50 ms (200 bytes/s) until the client goes away."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10**6))
+    handler.end_headers()
+    stop: threading.Event = handler.server.state.stop  # type: ignore[attr-defined]
+    try:
+        while not stop.wait(0.05):
+            handler.wfile.write(b"x" * 10)
+            handler.wfile.flush()
+    except OSError:
+        pass
+    handler.close_connection = True
+
+
+def _headers_then_silence(handler: http.server.BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    handler.wfile.flush()
+    handler.server.state.stop.wait(30)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("entry", ["load_checkpoint", "zoo"])
+@pytest.mark.parametrize("kind", ["never answers", "headers then silence", "trickles"])
+def test_hanging_server_times_out(
+    server: Server, silent_port: int, hub_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str, entry: str
+) -> None:
+    monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", TIMEOUT)
+    behaviours = {"trickles": _trickle, "headers then silence": _headers_then_silence}
+    if kind in behaviours:
+        server.behaviours[f"/zoo/{NAME}.pth"] = behaviours[kind]
+    prefix = f"http://127.0.0.1:{silent_port}/zoo/" if kind == "never answers" else f"{server.url}/zoo/"
+    url = f"{prefix}{NAME}.pth"
+    start = time.monotonic()
+    if entry == "zoo":
+        monkeypatch.setenv("IRPE_MODEL_ZOO_URL", prefix)
+        with pytest.raises(PretrainedWeightsError) as info:
+            timm.create_model(NAME, pretrained=True, **SMALL)
+    else:
+        with pytest.raises(UserError) as info:
+            utils.load_checkpoint(url)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert url in message and "timeout 0.5 s" in message and "IRPE_DOWNLOAD_TIMEOUT" in message
+    assert str(models.cached_download_path(url, hub_dir / "checkpoints")) in message
+    assert ("stalled" in message) == (kind == "trickles")
+    assert _cache_files(hub_dir) == []
+
+
+def test_slow_download_above_the_minimum_rate_succeeds(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is a rate, not a deadline: 10 kB/s for longer than the timeout is fine."""
+    data = _save(server.root / "slow.pth", epoch=5, size=2048)
+
+    def slow(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        for i in range(0, len(data), 2048):
+            handler.wfile.write(data[i : i + 2048])
+            handler.wfile.flush()
+            time.sleep(0.2)
+
+    server.behaviours["/slow.pth"] = slow
+    monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", TIMEOUT)
+    start = time.monotonic()
+    assert utils.load_checkpoint(f"{server.url}/slow.pth")["epoch"] == 5
+    assert time.monotonic() - start > float(TIMEOUT)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:21/zoo/", "s3://bucket/zoo/", "HTTPX://host/zoo/"])
+def test_other_url_schemes_are_refused_up_front(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match="only http:// and https:// URLs are downloaded"):
+        utils.load_checkpoint(url + "checkpoint.pth")
+    monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
+    with pytest.raises(PretrainedWeightsError, match="only http:// and https://"):
+        timm.create_model(NAME, pretrained=True, **SMALL)
+
+
+def test_redirect_to_ftp_is_refused(server: Server) -> None:
+    def redirect(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(302)
+        handler.send_header("Location", "ftp://127.0.0.1:21/checkpoint.pth")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    server.behaviours["/checkpoint.pth"] = redirect
+    with pytest.raises(UserError, match="not an http\\(s\\) URL"):
+        utils.load_checkpoint(f"{server.url}/checkpoint.pth")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_bad_timeout_setting(value: str, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", value)
+    with pytest.raises(UserError, match="IRPE_DOWNLOAD_TIMEOUT=.* must be a positive number of seconds"):
+        utils.load_checkpoint(f"{server.url}/checkpoint.pth")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Local files are the user's only copy: never deleted, never "fetched again".
+
+
+@pytest.mark.parametrize("given", ["path", "file URL", "zoo directory"])
+def test_truncated_local_checkpoint_is_left_alone(
+    tmp_path: Path, hub_dir: Path, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    path = tmp_path / "local_zoo" / f"{NAME}.pth"
+    _save_zoo_checkpoint(path, seed=0)
+    damaged = path.read_bytes()[:1000]
+    path.write_bytes(damaged)
+    if given == "zoo directory":
+        monkeypatch.setenv("IRPE_MODEL_ZOO_URL", str(path.parent))
+        with pytest.raises(PretrainedWeightsError) as info:
+            timm.create_model(NAME, pretrained=True, **SMALL)
+    else:
+        with pytest.raises(UserError) as info:
+            utils.load_checkpoint(path.as_uri() if given == "file URL" else str(path))
+    message = str(info.value)
+    assert f"{path} is not a readable checkpoint" in message and "left as it is" in message
+    assert "delete" not in message and "fetched again" not in message
+    assert path.read_bytes() == damaged and _cache_files(hub_dir) == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. utils.load_checkpoint: the same fetch path, user errors only.
+
+
+def test_load_checkpoint_reads_files_and_file_urls(tmp_path: Path) -> None:
+    _save(tmp_path / "ckpt.pth", epoch=7)
+    assert utils.load_checkpoint(str(tmp_path / "ckpt.pth"))["epoch"] == 7
+    assert utils.load_checkpoint((tmp_path / "ckpt.pth").as_uri())["epoch"] == 7
+
+
+@pytest.mark.parametrize("case", ["missing file", "404", "not a dict", "unsafe pickle"])
+def test_load_checkpoint_failures_are_one_line_user_errors(server: Server, tmp_path: Path, case: str) -> None:
+    if case == "missing file":
+        source, expected = str(tmp_path / "nope.pth"), "no checkpoint file at"
+    elif case == "404":
+        source, expected = f"{server.url}/nope.pth", "HTTP Error 404"
+    elif case == "not a dict":
+        torch.save([1, 2], server.root / "list.pth")
+        source, expected = f"{server.url}/list.pth", "is not a dict"
+    else:
+        torch.save({"model": {}, "fn": functools.partial(print)}, tmp_path / "unsafe.pth")
+        source, expected = str(tmp_path / "unsafe.pth"), "Unsupported global"
+    with pytest.raises(UserError, match=expected) as info:
+        utils.load_checkpoint(source)
+    assert not isinstance(info.value, PretrainedWeightsError) and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"cannot load checkpoint {source}") or case == "not a dict"
