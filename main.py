@@ -25,13 +25,21 @@ Errors the user can fix print ``error: ...`` and exit with code 2; a non-finite 
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads waiting for work spin by default, and where the cores are shared (DataLoader workers, other jobs) a
+# thread that has lost its core stalls every parallel region: one CPU epoch of the demo recipe took 265 s instead of
+# 9 s beside two busy processes on 2 cores, and 19 s with passive waiting, which is also no slower on idle cores
+# (tools/benchmark_cpu_sharing.py). OpenMP reads the variable when torch loads it, hence before the imports below;
+# a value the user sets wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import datetime
 import difflib
 import json
 import math
-import os
 import random
 import re
 import sys
