@@ -1,35 +1,36 @@
-"""torch.hub entry points: the nine DeiT models with iRPE and the plain DeiT baselines.
+"""torch.hub entry points: the nine DeiT models with iRPE and timm's plain DeiT baselines.
 
 Example::
 
     model = torch.hub.load("/path/to/this/checkout", "deit_small_patch16_224_ctx_product_50_shared_k",
                            source="local", pretrained=True)
 
-Every entry point takes ``pretrained`` and the keyword arguments of
-:class:`rpe_vision_transformer.VisionTransformer` (``img_size``, ``num_classes``, ``drop_path_rate``, ...).
-``pretrained=True`` is available for the released iRPE models (see ``rpe_models.MODEL_ZOO``) and all baselines.
+Every entry point is ``timm.create_model(name, pretrained=pretrained, **kwargs)``: the iRPE models take the keyword
+arguments of :class:`rpe_vision_transformer.VisionTransformer` (``img_size``, ``num_classes``, ``drop_path_rate``,
+...), the baselines those of timm's ``deit_*``. ``pretrained=True`` is available for the released iRPE models (see
+``rpe_models.MODEL_ZOO``) and all baselines (timm's weights, the DeiT release).
 """
 
-from models import (  # noqa: F401  (re-exported as hub entry points)
-    deit_base_distilled_patch16_224,
-    deit_base_distilled_patch16_384,
-    deit_base_patch16_224,
-    deit_base_patch16_384,
-    deit_small_distilled_patch16_224,
-    deit_small_patch16_224,
-    deit_tiny_distilled_patch16_224,
-    deit_tiny_patch16_224,
-)
-from rpe_models import (  # noqa: F401
-    deit_base_patch16_224_ctx_product_50_shared_k,
-    deit_base_patch16_224_ctx_product_50_shared_qkv,
-    deit_small_patch16_224_ctx_cross_56_shared_k,
-    deit_small_patch16_224_ctx_euc_20_shared_k,
-    deit_small_patch16_224_ctx_product_50_shared_k,
-    deit_small_patch16_224_ctx_product_50_shared_qk,
-    deit_small_patch16_224_ctx_product_50_shared_qkv,
-    deit_small_patch16_224_ctx_quant_51_shared_k,
-    deit_tiny_patch16_224_ctx_product_50_shared_k,
-)
+from collections.abc import Callable as _Callable
+
+import timm
+from torch import nn
+
+import rpe_models
 
 dependencies = ["torch", "timm"]
+
+# timm's own DeiT models (the DeiT release: tiny/small/base at 224, base at 384, plain and distilled).
+DEIT_BASELINES = tuple(timm.list_models("deit_*", module="deit"))
+
+
+def _entry_point(name: str) -> _Callable[..., nn.Module]:
+    def entry_point(pretrained: bool = False, **kwargs) -> nn.Module:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__doc__ = f"``timm.create_model('{name}', pretrained=pretrained, **kwargs)``."
+    return entry_point
+
+
+globals().update({name: _entry_point(name) for name in (*rpe_models.MODEL_ZOO, *DEIT_BASELINES)})

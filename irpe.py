@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import numbers
 import os
@@ -91,7 +92,21 @@ Mode = Literal["bias", "contextual"] | None
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """``torch.no_grad()`` around ``fn``, except while torch.compile/export traces it: bucket ids take no gradient,
+    and a grad-mode switch inside an exported program is a subgraph of its own that ``torch.export.load`` rejects."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def piecewise_index(
     relative_position: torch.Tensor, alpha: float, beta: float, gamma: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -167,7 +182,7 @@ def _bucket_ids_of_diff(method: int, diff: torch.Tensor, alpha: float, beta: flo
     raise ValueError(f"unknown method id {method!r}; expected one of {[int(m) for m in METHOD]}")
 
 
-@torch.no_grad()
+@_no_grad
 def get_bucket_ids_2d_without_skip(
     method: int,
     height: int,
@@ -194,7 +209,7 @@ def get_bucket_ids_2d_without_skip(
     return bucket_ids.to(dtype), get_num_buckets(method, alpha, beta, gamma), L
 
 
-@torch.no_grad()
+@_no_grad
 def get_bucket_ids_2d(
     method: int,
     height: int,
@@ -225,9 +240,16 @@ def get_bucket_ids_2d(
 
 
 def _check_grid(height: int, width: int) -> None:
+    """A ``ValueError`` unless the grid is positive integers; under torch.compile/export a symbolic side
+    (``torch.SymInt``) is checked with ``torch._check`` (a guard, or a runtime assertion of the exported program)."""
+    message = f"the patch grid must be positive integers, got height={height!r}, width={width!r}"
+    if any(isinstance(v, torch.SymInt) for v in (height, width)):
+        for v in (height, width):
+            torch._check(isinstance(v, (int, torch.SymInt)) and v >= 1, lambda: message)
+        return
     integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (height, width))
     if not integral or height < 1 or width < 1:
-        raise ValueError(f"the patch grid must be positive integers, got height={height!r}, width={width!r}")
+        raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,9 +687,14 @@ class iRPE(nn.Module):
         return height, width, skip
 
     def get_bucket_ids(self, height: int, width: int, skip: int, device: torch.device) -> torch.Tensor:
-        """Cached bucket ids ``(skip + height * width, skip + height * width)`` (int64) on ``device``."""
+        """Cached bucket ids ``(skip + height * width, skip + height * width)`` (int64) on ``device``.
+
+        While tracing (``torch.jit.trace``, ``torch.compile``, ``torch.export``) the ids are computed, not cached: they
+        are part of the traced computation, the same in every trace, and never a traced tensor left in the cache.
+        """
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
         key = (height, width, skip, torch.device(device), torch.long)
-        ids = self._bucket_cache.get(key)
+        ids = None if tracing else self._bucket_cache.get(key)
         if ids is None:
             config = self.rpe_config
             ids, num_buckets = get_bucket_ids_2d(
@@ -678,9 +705,10 @@ class iRPE(nn.Module):
                     f"the grid gives {num_buckets} buckets but this module has {self.num_buckets}: skip={skip} "
                     f"does not match the configured skip={config.skip}"
                 )
-            self._bucket_cache[key] = ids
-            if len(self._bucket_cache) > _CACHE_SIZE:
-                self._bucket_cache.popitem(last=False)
+            if not tracing:
+                self._bucket_cache[key] = ids
+                if len(self._bucket_cache) > _CACHE_SIZE:
+                    self._bucket_cache.popitem(last=False)
         return ids
 
     def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -793,8 +821,8 @@ ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops")
 
 def _autocast_disabled(device_type: str):
     """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
-    exist (the meta device)."""
-    if torch.amp.is_autocast_available(device_type):
+    exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -826,6 +854,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
     B, H, L, _ = q.shape
+    if torch.compiler.is_compiling():
+        return [(0, B)]  # one slice: a loop over a symbolic batch would fix it to the traced size
     per_sample = H * L * L * 4
     step = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_sample, 1))
     return [(start, min(start + step, B)) for start in range(0, B, step)]

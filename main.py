@@ -69,7 +69,6 @@ from samplers import RASampler, ShardedEvalSampler
 from utils import TrainingError, UserError
 
 try:
-    import models  # noqa: F401  (registers the DeiT baselines)
     import rpe_models  # noqa: F401  (registers the iRPE models in timm's registry)
 except ValueError as _err:  # irpe.py refuses an unknown IRPE_BACKEND when imported: validate_args reports it
     if "IRPE_BACKEND" not in str(_err):

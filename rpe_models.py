@@ -1,36 +1,51 @@
 """The DeiT models with iRPE of the paper, registered in timm's model registry on import.
 
-``import rpe_models`` makes ``timm.create_model('deit_small_patch16_224_ctx_product_50_shared_k', ...)`` work (timm
-1.x, including the ``pretrained_cfg``/``pretrained_cfg_overlay``/``cache_dir`` arguments it passes). Every model
-uses contextual iRPE shared across heads, with one skip bucket for the class token; the name reads
+``import rpe_models`` makes ``timm.create_model('deit_small_patch16_224_ctx_product_50_shared_k', ...)`` work, with
+the pretrained cfgs of :data:`default_cfgs` (``timm.models.get_pretrained_cfg(name)``; the released ones are
+``timm.list_pretrained('*ctx*')``) and everything timm's ViT builder gives: ``features_only=True`` (``out_indices``,
+``feature_cls='getter'`` by default, ``'fx'``), ``pretrained_cfg_overlay``, ``cache_dir``, ``device``, ``dtype``. Every
+model uses contextual iRPE shared across heads, with one skip bucket for the class token; the name reads
 ``deit_<size>_patch16_224_ctx_<method>_<buckets>_shared_<on>``.
 
 :data:`MODEL_ZOO` is the single table of the nine models: configuration, whether a checkpoint was released, and
 the published figures (parameters, MACs, ImageNet-1k top-1/top-5 at 224, from the iRPE README's model zoo table).
-``tools/model_zoo.py`` and ``hubconf.py`` read it.
+``tools/model_zoo.py`` and ``hubconf.py`` read it. The plain DeiT baselines are timm's own ``deit_*`` models.
 
 ``pretrained=True`` fetches ``<prefix><name>.pth`` into torch.hub's cache (``torch.hub.get_dir()/checkpoints``)
-with ``<prefix>`` = :data:`MODEL_ZOO_URL`, unless the environment variable ``IRPE_MODEL_ZOO_URL`` names a mirror:
-a URL prefix (``https://...``, ``file://...``) or a local directory holding the ``.pth`` files. The released
-file names carry no hash, so the checkpoint is verified structurally (every key and shape) before a strict load.
+with ``<prefix>`` = :data:`MODEL_ZOO_URL` (the cfg's ``url``), unless the environment variable
+``IRPE_MODEL_ZOO_URL`` names a mirror: a URL prefix (``https://...``, ``file://...``) or a local directory holding
+the ``.pth`` files; a ``file`` or ``url`` in ``pretrained_cfg_overlay`` names the checkpoint itself. Weights go
+through :func:`models.load_pretrained` (download with timeouts into a per-URL cache, then ``weights_only`` read,
+``pos_embed`` and head adaptation, key-by-key and shape-by-shape check, strict load); the released file names carry
+no hash, so the check is structural.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timm.models import register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import irpe
-from models import create_deit, is_url
+import models
 from rpe_vision_transformer import VisionTransformer
 
-__all__ = ["MODEL_ZOO", "MODEL_ZOO_URL", "ZooEntry", "checkpoint_location", "create_irpe_deit", "rpe_config_of"]
+__all__ = [
+    "DEIT_ARCHS",
+    "MODEL_ZOO",
+    "MODEL_ZOO_URL",
+    "ZooEntry",
+    "checkpoint_location",
+    "create_irpe_deit",
+    "default_cfgs",
+    "rpe_config_of",
+]
 
 MODEL_ZOO_URL = "https://github.com/wkcn/iRPE-model-zoo/releases/download/1.0/"
 MODEL_ZOO_ENV = "IRPE_MODEL_ZOO_URL"
@@ -100,6 +115,15 @@ MODEL_ZOO: dict[str, ZooEntry] = {
 }  # fmt: skip
 
 
+# The DeiT architectures (Touvron et al., 2021): 12 blocks, MLP ratio 4, qkv bias, LayerNorm eps 1e-6 (the default
+# norm of rpe_vision_transformer.VisionTransformer).
+DEIT_ARCHS: dict[str, dict[str, Any]] = {
+    "tiny": {"embed_dim": 192, "num_heads": 3, "depth": 12, "mlp_ratio": 4.0, "qkv_bias": True},
+    "small": {"embed_dim": 384, "num_heads": 6, "depth": 12, "mlp_ratio": 4.0, "qkv_bias": True},
+    "base": {"embed_dim": 768, "num_heads": 12, "depth": 12, "mlp_ratio": 4.0, "qkv_bias": True},
+}
+
+
 def rpe_config_of(name: str) -> irpe.RPEConfigs:
     """The iRPE configuration of the zoo model ``name``."""
     if name not in MODEL_ZOO:
@@ -121,7 +145,7 @@ def checkpoint_location(name: str, mirror: str | None = None) -> str:
     prefix = mirror if mirror is not None else os.environ.get(MODEL_ZOO_ENV, "").strip()
     prefix = prefix or MODEL_ZOO_URL
     file_name = f"{name}.pth"
-    if is_url(prefix):
+    if models.is_url(prefix):
         return prefix.rstrip("/") + "/" + file_name
     directory = Path(prefix).expanduser()
     if not directory.is_dir():
@@ -129,27 +153,96 @@ def checkpoint_location(name: str, mirror: str | None = None) -> str:
     return str(directory / file_name)
 
 
+def _pretrained_cfg(entry: ZooEntry) -> dict[str, Any]:
+    """timm's pretrained cfg of a zoo model: the release URL (``''`` without a release) and DeiT's eval transform."""
+    return {
+        "url": checkpoint_location(entry.name, mirror=MODEL_ZOO_URL) if entry.released else "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "paper_ids": "arXiv:2107.14222",
+        "origin_url": "https://github.com/microsoft/Cream/tree/main/iRPE",
+    }
+
+
+# Read by timm's register_model for every entrypoint below (timm.models.get_pretrained_cfg(name)).
+default_cfgs = generate_default_cfgs({name: _pretrained_cfg(entry) for name, entry in MODEL_ZOO.items()})
+
+
 def create_irpe_deit(name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """Build the zoo model ``name`` (the shared builder of every registered entrypoint).
+    """Build the zoo model ``name`` with timm's ``build_model_with_cfg`` (the builder of every entrypoint).
 
     Args:
         name: a key of :data:`MODEL_ZOO`.
         pretrained: load the released checkpoint (see the module docstring).
         **kwargs: :class:`rpe_vision_transformer.VisionTransformer` arguments (``img_size``, ``num_classes``,
-            ``drop_path_rate``, ...) and what ``timm.create_model`` passes (see :func:`models.create_deit`).
+            ``drop_path_rate``, ``attn_impl``, ...) and what ``timm.create_model`` passes: ``pretrained_cfg``,
+            ``pretrained_cfg_overlay`` (its ``file`` or ``url`` names the checkpoint), ``cache_dir`` (download
+            directory), ``features_only``, ``out_indices``, ``feature_cls``, ``device``, ``dtype``.
+
+    Raises:
+        ValueError: unknown name, or an ``rpe_config`` (each zoo model fixes its own).
+        models.PretrainedWeightsError: the weights cannot be fetched, read or matched to the model;
+            :class:`models.NoReleasedWeightsError` for a model without released weights.
     """
-    entry = MODEL_ZOO[name]
+    if name not in MODEL_ZOO:
+        raise ValueError(f"unknown iRPE model {name!r}; known: {', '.join(MODEL_ZOO)}")
     if "rpe_config" in kwargs:
-        raise ValueError(f"{name} fixes its own rpe_config; build other configurations with models.create_deit()")
-    return create_deit(
-        entry.size,
-        pretrained=pretrained,
-        checkpoint=checkpoint_location(name) if pretrained else MODEL_ZOO_URL + f"{name}.pth",
-        released=entry.released,
-        model_name=name,
-        rpe_config=rpe_config_of(name),
-        **kwargs,
+        raise ValueError(
+            f"{name} fixes its own rpe_config; build other configurations with "
+            "rpe_vision_transformer.VisionTransformer(rpe_config=..., **rpe_models.DEIT_ARCHS[size])"
+        )
+    cache_dir = kwargs.pop("cache_dir", None)
+    weights = None
+    if pretrained:
+        weights = _weights_location(name, kwargs.get("pretrained_cfg_overlay"))
+        source = "url" if models.is_url(weights) else "file"
+        kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), source: weights}
+    return build_model_with_cfg(
+        functools.partial(_build, weights=weights, cache_dir=cache_dir),
+        name,
+        pretrained=False,  # timm builds; _build loads the weights through models.load_pretrained
+        feature_cfg={"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"},
+        **{"rpe_config": rpe_config_of(name), **DEIT_ARCHS[MODEL_ZOO[name].size], **kwargs},
     )
+
+
+def _weights_location(name: str, overlay: Mapping[str, Any] | None) -> str:
+    """Where the weights of ``name`` are: the overlay's ``file`` or ``url``, else :func:`checkpoint_location`."""
+    override = (overlay or {}).get("file") or (overlay or {}).get("url")
+    if override:
+        return str(override)
+    if not MODEL_ZOO[name].released:
+        released = ", ".join(n for n, e in MODEL_ZOO.items() if e.released)
+        raise models.NoReleasedWeightsError(
+            f"{name} has no released checkpoint, so pretrained=True cannot be honoured. Build it with "
+            "pretrained=False and load weights you have with `python main.py --resume <checkpoint.pth>` (or "
+            f"pretrained_cfg_overlay={{'file': <checkpoint.pth>}}). Released models: {released}"
+        )
+    return checkpoint_location(name)
+
+
+def _build(*, weights: str | None, cache_dir: str | os.PathLike | None, **kwargs: Any) -> VisionTransformer:
+    """``VisionTransformer(**kwargs)``, with the checkpoint at ``weights`` loaded by :func:`models.load_pretrained`.
+
+    A model without classifier (``num_classes=0``) takes the checkpoint's backbone: it is loaded with a head of
+    one class (which the checkpoint's does not fit, so it stays fresh, see :func:`models.adapt_state_dict`) that is
+    removed afterwards.
+    """
+    headless = weights is not None and kwargs.get("num_classes", 1000) == 0
+    model = VisionTransformer(**{**kwargs, "num_classes": 1} if headless else kwargs)
+    if weights is not None:
+        models.load_pretrained(model, weights, cache_dir=cache_dir)
+    if headless:
+        model.reset_classifier(0)
+    return model
 
 
 def _zoo_model(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:

@@ -1,53 +1,110 @@
-"""Vision Transformer (DeiT) with image relative position encoding (iRPE).
+"""Vision Transformer (DeiT) with image relative position encoding (iRPE), on timm's own ViT classes.
 
 Reference: Kan Wu, Houwen Peng, Minghao Chen, Jianlong Fu, Hongyang Chao, "Rethinking and Improving Relative
 Position Encoding for Vision Transformer", ICCV 2021 (https://arxiv.org/abs/2107.14222), on top of DeiT
 (Touvron et al., "Training data-efficient image transformers & distillation through attention", ICML 2021).
 
-The layers come from timm (``PatchEmbed``, ``Mlp``, ``DropPath``, ``trunc_normal_``); only the attention is ours,
-because iRPE adds terms inside the softmax (queries, keys) and after it (values). Parameter names follow the
-timm-0.3 ViT layout of the released DeiT and iRPE checkpoints (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
-``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``; ``dist_token`` and
-``head_dist`` for distilled models; iRPE tables at ``blocks.{i}.attn.rpe_{q,k,v}.*``), so those checkpoints load
-with ``strict=True``.
+The classes subclass timm's (``timm.models.vision_transformer.VisionTransformer``, ``Block``,
+``timm.layers.Attention``; the distilled model ``timm.models.deit.VisionTransformerDistilled``), so they have
+what timm's ViT has: ``features_only`` / ``forward_intermediates`` / ``feature_info``, ``set_grad_checkpointing``,
+``group_matcher``, ``reset_classifier(num_classes, global_pool)``, ``dynamic_img_size``. Only the attention is
+ours, because iRPE adds terms inside the softmax (queries, keys) and after it (values); as timm's ``eva.py`` hands
+its rotary embedding to every block, the model hands every block the patch grid ``(height, width)`` of the input,
+from which each iRPE module computes its bucket ids. Nothing ever guesses the grid from the sequence length.
 
-Resolution policy: a model is built for ``img_size`` (an int or ``(height, width)``; non-square works), which sets
-the size of ``pos_embed``. At run time any input whose sides are multiples of ``patch_size`` is accepted: the patch
-grid ``(height, width)`` is read from the patch embedding, ``pos_embed`` is resampled bicubically to that grid when
-it differs from the built one (as DeiT does when fine-tuning at 384), and the grid is passed to every iRPE module,
-which computes its bucket ids for it. Nothing ever guesses the grid from the sequence length.
+Parameter names are the timm-0.3 ViT layout of the released DeiT and iRPE checkpoints (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``;
+``dist_token`` and ``head_dist`` for distilled models; iRPE tables at ``blocks.{i}.attn.rpe_{q,k,v}.*``), so those
+checkpoints load with ``strict=True``.
+
+Resolution policy: a model is built for ``img_size`` (an int or ``(height, width)``), which sets the size of
+``pos_embed``. With ``dynamic_img_size=True`` (the default here) any input whose sides are multiples of
+``patch_size`` is accepted and timm resamples ``pos_embed`` to its grid; with ``False`` only ``img_size`` is.
+
+Tracing and export: the grid checks raise ``ValueError`` in eager mode and become ``torch._check`` assertions under
+``torch.compile`` / ``torch.export``; :func:`image_patch_grid` and :func:`rpe_attention` are leaves (``torch.fx.wrap``)
+for ``torch.fx`` symbolic tracing, so timm's and torchvision's FX feature extractors work; ``torch.jit.trace``
+records the traced input's grid.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import Attention, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
 import irpe
+from irpe import rpe_attention
 
-__all__ = ["ATTN_IMPLS", "RPEAttention", "RPEBlock", "VisionTransformer", "DistilledVisionTransformer"]
+__all__ = [
+    "ATTN_IMPLS",
+    "DistilledVisionTransformer",
+    "RPEAttention",
+    "RPEBlock",
+    "VisionTransformer",
+    "image_patch_grid",
+]
 
 AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops"]
-# Attention implementations RPEAttention can run (see irpe.rpe_attention): 'math' materialises the (B, H, L, L)
+# Attention implementations RPEAttention can run (see irpe.resolve_attn_impl): 'math' materialises the (B, H, L, L)
 # probabilities; 'sdpa' runs the fused kernel with the iRPE bias and keeps nothing L x L for backward; 'flex' adds
-# the bias inside FlexAttention; 'auto' takes 'sdpa' where it is exact (no iRPE on values, no attention dropout).
+# the bias inside FlexAttention; 'ops' is the fused CPU kernel of rpe_ops. 'auto' takes 'ops' on CPU where rpe_ops is
+# built, else 'sdpa'; iRPE on values or attention dropout always run 'math'.
 ATTN_IMPLS: tuple[str, ...] = irpe.ATTN_IMPLS
+
+
+def _require(cond: bool | torch.SymBool, message: str) -> None:
+    """``ValueError(message)`` unless ``cond``; under torch.compile/export a symbolic ``cond`` is a ``torch._check``
+    (a guard, or a runtime assertion of the exported program) instead."""
+    if isinstance(cond, torch.SymBool):
+        torch._check(cond, lambda: message)
+    elif not cond:
+        raise ValueError(message)
+
+
+@torch.fx.wrap
+def image_patch_grid(x: torch.Tensor, patch_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(height, width)`` patch grid of images ``x (B, C, H_img, W_img)``; sides must be multiples of the patch.
+
+    A leaf of ``torch.fx`` tracing (the check runs when the traced graph runs); under ``torch.jit.trace`` the sizes
+    are read as Python ints, so the trace is specialised to the traced input's grid (as its iRPE bucket ids are).
+
+    Raises:
+        ValueError: a side is not a multiple of the patch size.
+    """
+    img_h, img_w = x.shape[-2], x.shape[-1]
+    if torch.jit.is_tracing():
+        img_h, img_w = int(img_h), int(img_w)  # jit.trace reads sizes as 0-dim tensors
+    ph, pw = patch_size
+    message = f"the image size {img_h}x{img_w} must be a multiple of the patch size {ph}x{pw}"
+    _require(img_h % ph == 0, message)
+    _require(img_w % pw == 0, message)
+    return img_h // ph, img_w // pw
+
+
+# irpe.rpe_attention is a leaf of torch.fx tracing: its modules compute bucket ids in Python from the grid, which
+# symbolic tracing only knows as a proxy.
+torch.fx.wrap("rpe_attention")
+# timm's resampling branches on sizes: a leaf, so that a dynamic_img_size model traces.
+torch.fx.wrap("resample_abs_pos_embed")
 
 
 def _uses_rpe(rpe_config: irpe.RPEConfigs | None) -> bool:
     """Whether a configuration from :func:`irpe.get_rpe_config` encodes anything at all."""
-    if rpe_config is None:
-        return False
-    return any(getattr(rpe_config, f"rpe_{w}") is not None for w in "qkv")
+    return rpe_config is not None and any(getattr(rpe_config, f"rpe_{w}") is not None for w in "qkv")
 
 
-class RPEAttention(nn.Module):
-    """Multi-head self-attention with iRPE on queries, keys and/or values.
+class RPEAttention(Attention):
+    """timm's multi-head self-attention with iRPE on queries, keys and/or values.
 
     Args:
         dim: token channels.
@@ -58,6 +115,8 @@ class RPEAttention(nn.Module):
         proj_drop: dropout after the output projection.
         rpe_config: from :func:`irpe.get_rpe_config`; ``None`` gives plain attention.
         attn_impl: attention implementation, one of :data:`ATTN_IMPLS` (see :func:`irpe.rpe_attention`).
+        **kwargs: the other arguments of ``timm.layers.Attention`` (``qk_norm``, ``proj_bias``, ``norm_layer``,
+            ``device``, ``dtype``, ...).
     """
 
     def __init__(
@@ -70,42 +129,72 @@ class RPEAttention(nn.Module):
         proj_drop: float = 0.0,
         rpe_config: irpe.RPEConfigs | None = None,
         attn_impl: AttnImpl = "auto",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
+        super().__init__(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **kwargs
+        )
+        self.set_rpe(rpe_config, attn_impl=attn_impl, qk_scale=qk_scale)
+
+    def set_rpe(
+        self, rpe_config: irpe.RPEConfigs | None, attn_impl: AttnImpl = "auto", qk_scale: float | None = None
+    ) -> None:
+        """(Re)build the iRPE modules ``rpe_q``, ``rpe_k``, ``rpe_v`` (zero tables) and set the attention path.
+
+        :class:`RPEBlock` calls it after timm's ``Block`` has built the attention, as timm's ``attn_layer`` hook
+        passes only timm's own arguments.
+        """
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attn_impl={attn_impl!r}; choose one of {ATTN_IMPLS}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         self.attn_impl = attn_impl
+        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        weight = self.qkv.weight
+        modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=self.num_heads)
+        self.rpe_q, self.rpe_k, self.rpe_v = (
+            m if m is None else m.to(device=weight.device, dtype=weight.dtype) for m in modules
+        )
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.rpe_q, self.rpe_k, self.rpe_v = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=num_heads)
+    def __prepare_scriptable__(self) -> RPEAttention:
+        # torch.jit.script calls this first: say why it cannot work, rather than fail deep inside irpe's modules
+        raise RuntimeError(
+            "torch.jit.script cannot compile the iRPE attention (irpe's encoding modules and lookups are Python); "
+            "use torch.jit.trace, torch.export or torch.onnx.export(..., dynamo=True) instead"
+        )
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:g}, attn_impl={self.attn_impl}"
 
-    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
         """Attend over ``x (B, L, C)`` laid out as ``L - height * width`` leading tokens then the patch grid.
 
         Args:
             x: tokens ``(B, L, C)``.
+            attn_mask: unsupported (``timm.layers.Attention``'s signature); must be ``None``.
+            is_causal: unsupported; must be ``False``.
             height: patch-grid rows; pass it (and ``width``) whenever an iRPE module is present.
             width: patch-grid columns.
 
         Returns:
             ``(B, L, C)``.
         """
+        if attn_mask is not None or is_causal:
+            raise ValueError("RPEAttention takes no attn_mask and no is_causal: every token attends to every token")
         B, L, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, d) each
+        q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        out = irpe.rpe_attention(
+        x = rpe_attention(
             q,
             k,
             v,
@@ -118,101 +207,88 @@ class RPEAttention(nn.Module):
             dropout_p=dropout_p,
             impl=self.attn_impl,
         )  # (B, H, L, d)
-        out = out.transpose(1, 2).reshape(B, L, C)
-        return self.proj_drop(self.proj(out))
+        x = self.norm(x.transpose(1, 2).reshape(B, L, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
 
-class RPEBlock(nn.Module):
-    """Pre-norm transformer block: ``x + DropPath(RPEAttention(norm1(x)))``, then ``x + DropPath(Mlp(norm2(x)))``.
+class RPEBlock(Block):
+    """timm's pre-norm transformer block with :class:`RPEAttention`, which it passes the patch grid.
 
     Args:
         dim: token channels.
         num_heads: attention heads.
-        mlp_ratio: hidden width of the MLP relative to ``dim``.
-        qkv_bias: learn a bias in the ``qkv`` projection.
-        qk_scale: logit scale override.
-        drop: dropout after the attention projection and in the MLP.
-        attn_drop: dropout on the attention probabilities.
-        drop_path: stochastic-depth rate of both residual branches.
-        act_layer: MLP activation.
-        norm_layer: normalisation layer factory.
         rpe_config: iRPE configuration, or ``None``.
         attn_impl: see :class:`RPEAttention`.
+        qk_scale: logit scale override.
+        **kwargs: the arguments of ``timm.models.vision_transformer.Block`` (``mlp_ratio``, ``qkv_bias``,
+            ``proj_drop``, ``attn_drop``, ``drop_path``, ``norm_layer``, ...). ``attn_layer`` is always
+            :class:`RPEAttention`.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         rpe_config: irpe.RPEConfigs | None = None,
         attn_impl: AttnImpl = "auto",
+        qk_scale: float | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = RPEAttention(
-            dim,
-            num_heads=num_heads,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=drop,
-            rpe_config=rpe_config,
-            attn_impl=attn_impl,
-        )
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        kwargs["attn_layer"] = RPEAttention
+        super().__init__(dim, num_heads, **kwargs)
+        self.attn.set_rpe(rpe_config, attn_impl=attn_impl, qk_scale=qk_scale)
 
-    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
         """``x (B, L, C)`` -> ``(B, L, C)``; ``height``/``width`` is the patch grid (see :class:`RPEAttention`)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), height=height, width=width))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, height=height, width=width)
+        x = x + self.drop_path1(self.ls1(attn))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _init_weights(module: nn.Module) -> None:
-    """DeiT/timm-0.3 initialisation: truncated-normal linear weights, zero biases, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-class VisionTransformer(nn.Module):
-    """DeiT/ViT classifier with optional iRPE in every block.
+class VisionTransformer(TimmVisionTransformer):
+    """DeiT/ViT classifier with optional iRPE in every block: timm's ``VisionTransformer`` with :class:`RPEBlock`.
 
     Args:
         img_size: image size the model is built for (sets ``pos_embed``); int or ``(height, width)``.
         patch_size: square patch side.
         in_chans: input channels.
-        num_classes: classes of the head; 0 gives an identity head (features).
+        num_classes: classes of the head; 0 gives no head (pooled features).
         embed_dim: token channels.
         depth: number of blocks.
         num_heads: attention heads.
         mlp_ratio: MLP hidden width relative to ``embed_dim``.
         qkv_bias: learn a bias in the ``qkv`` projections.
         qk_scale: logit scale override (``None``: ``head_dim ** -0.5``).
-        drop_rate: dropout after the position embedding, in the MLPs and after attention projections.
+        drop_rate: DeiT's dropout: after the position embedding, the attention projections and in the MLPs (timm's
+            ``pos_drop_rate`` / ``proj_drop_rate`` set them separately); the classifier has none.
         attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth, increasing linearly from 0 to this rate over the blocks.
         norm_layer: normalisation factory; ``None`` gives ``LayerNorm(eps=1e-6)`` as every DeiT model uses.
-        act_layer: MLP activation; ``None`` gives GELU.
         rpe_config: from :func:`irpe.get_rpe_config`; ``None`` builds the plain DeiT. The class (and distillation)
-            token are the ``skip`` leading tokens of iRPE, so an iRPE configuration needs ``skip >= 1``.
-        distilled: add the DeiT distillation token and head (see :class:`DistilledVisionTransformer`).
+            token are the ``skip`` leading tokens of iRPE, so ``skip`` must equal the number of prefix tokens.
         attn_impl: attention implementation of every block (see :class:`RPEAttention`).
+        distilled: build a :class:`DistilledVisionTransformer` (DeiT's distillation token and head) instead.
+        dynamic_img_size: accept any input whose sides are multiples of the patch size (``pos_embed`` is resampled
+            to its grid); ``False`` accepts ``img_size`` only.
+        **kwargs: other arguments of timm's ``VisionTransformer`` (``global_pool``, ``act_layer``, ``device``, ...).
+
+    Raises:
+        ValueError: an iRPE ``skip`` that differs from the number of prefix tokens, or patch dropout (it would drop
+            grid cells that the bucket ids refer to).
     """
+
+    def __new__(cls, *args: Any, distilled: bool = False, **kwargs: Any) -> VisionTransformer:
+        # VisionTransformer(distilled=True) gives the distilled class, as this project's models always have.
+        return super().__new__(DistilledVisionTransformer if distilled else cls)
 
     def __init__(
         self,
@@ -230,153 +306,199 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] | None = None,
-        act_layer: Callable[..., nn.Module] | None = None,
         rpe_config: irpe.RPEConfigs | None = None,
-        distilled: bool = False,
         attn_impl: AttnImpl = "auto",
+        distilled: bool = False,
+        dynamic_img_size: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        _check_rpe_skip(rpe_config)
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
-        self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
-        self.distilled = distilled
-        self.num_prefix_tokens = 2 if distilled else 1
-        self.rpe_config = rpe_config
-
-        # strict_img_size=False: other resolutions are fine as long as they are multiples of the patch size
-        self.patch_embed = PatchEmbed(
+        if kwargs.get("patch_drop_rate", 0.0) > 0 and _uses_rpe(rpe_config):
+            raise ValueError("patch_drop_rate > 0 drops patches, which the iRPE bucket ids of the grid refer to")
+        kwargs.setdefault("pos_drop_rate", drop_rate)
+        kwargs.setdefault("proj_drop_rate", drop_rate)
+        super().__init__(
             img_size=img_size,
             patch_size=patch_size,
             in_chans=in_chans,
+            num_classes=num_classes,
             embed_dim=embed_dim,
-            output_fmt="NHWC",
-            strict_img_size=False,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer or partial(nn.LayerNorm, eps=1e-6),
+            block_fn=partial(RPEBlock, rpe_config=rpe_config, attn_impl=attn_impl, qk_scale=qk_scale),
+            dynamic_img_size=dynamic_img_size,
+            **kwargs,
         )
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
-        self.pos_drop = nn.Dropout(p=drop_rate)
+        self.rpe_config = rpe_config
+        _check_rpe_skip(rpe_config, self.num_prefix_tokens)
 
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth: linear decay rule
-        self.blocks = nn.ModuleList(
-            RPEBlock(
-                dim=embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                rpe_config=rpe_config,
-                attn_impl=attn_impl,
-            )
-            for i in range(depth)
-        )
-        self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = (
-            (nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()) if distilled else None
-        )
-
-        trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
-        if self.dist_token is not None:
-            trunc_normal_(self.dist_token, std=0.02)
-        self.apply(_init_weights)  # iRPE lookup tables are not Linear/LayerNorm: they keep their zero init
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """timm's initialisation, with DeiT's class token (truncated normal, std 0.02); iRPE tables stay zero."""
+        super().init_weights(mode=mode, needs_reset=needs_reset)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
 
     @property
     def patch_grid(self) -> tuple[int, int]:
         """The ``(height, width)`` patch grid the model was built for."""
         return tuple(self.patch_embed.grid_size)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """Parameters excluded from weight decay, as DeiT."""
-        return {"pos_embed", "cls_token", "dist_token"} if self.distilled else {"pos_embed", "cls_token"}
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefix tokens and ``pos_embed`` (resampled to the grid with ``dynamic_img_size``) added to the patches.
 
-    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
-        return (self.head, self.head_dist) if self.distilled else self.head
+        What timm's ``VisionTransformer._pos_embed`` and ``VisionTransformerDistilled._pos_embed`` do, for both: the
+        prefix is the class token, then the register or distillation token. Ours calls the resampling as a
+        ``torch.fx`` leaf, as timm's own traces into its size checks.
+        """
+        B, C = x.shape[0], x.shape[-1]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token, self._dist_token()) if t is not None]
+        if self.pos_embed is None:
+            return torch.cat([*prefix, x.view(B, -1, C)], dim=1)
+        pos_embed = self.pos_embed  # (1, prefix + N, C), or (1, N, C) with no_embed_class
+        if self.dynamic_img_size:
+            _, H, W, _ = x.shape  # (B, Gh, Gw, C)
+            pos_embed = resample_abs_pos_embed(
+                pos_embed,
+                new_size=(H, W),
+                old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
+            )
+            x = x.view(B, -1, C)
+        if self.no_embed_class:
+            x = torch.cat([*prefix, x + pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos_embed
+        return self.pos_drop(x)  # (B, prefix + N, C)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head(s) by freshly initialised ones with ``num_classes`` outputs (0: identity)."""
-        self.num_classes = num_classes
-        for name in ("head", "head_dist") if self.distilled else ("head",):
-            head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-            head.apply(_init_weights)
-            setattr(self, name, head.to(self.cls_token.device, self.cls_token.dtype))
+    def _dist_token(self) -> torch.Tensor | None:
+        return None
 
-    def _pos_embed_for(self, height: int, width: int) -> torch.Tensor:
-        """``pos_embed`` for a ``height x width`` patch grid: resampled when it is not the built grid."""
-        if (height, width) == self.patch_grid:
-            return self.pos_embed  # (1, prefix + N, C)
-        return resample_abs_pos_embed(
-            self.pos_embed,
-            new_size=[height, width],
-            old_size=list(self.patch_grid),
-            num_prefix_tokens=self.num_prefix_tokens,
-        )
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Tokens ``(B, prefix + N, C)`` of images ``x``, with their patch grid ``(height, width)``."""
+        if self.patch_embed.dynamic_img_pad:
+            height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        else:
+            height, width = image_patch_grid(x, self.patch_embed.patch_size)
+        x = self.patch_embed(x)  # (B, Gh, Gw, C) with dynamic_img_size, else (B, N, C)
+        x = self._pos_embed(x)  # (B, prefix + N, C)
+        return self.norm_pre(self.patch_drop(x)), height, width
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised tokens ``(B, prefix + N, C)`` of images ``x (B, in_chans, H_img, W_img)``."""
-        B, _, img_h, img_w = x.shape
-        ph, pw = self.patch_embed.patch_size
-        if img_h % ph != 0 or img_w % pw != 0:
-            raise ValueError(f"the image size {img_h}x{img_w} must be a multiple of the patch size {ph}x{pw}")
-        x = self.patch_embed(x)  # (B, Gh, Gw, C)
-        _, height, width, C = x.shape
-        x = x.reshape(B, height * width, C)  # (B, N, C), row-major as iRPE's bucket ids
-        prefix = [self.cls_token.expand(B, -1, -1)]
-        if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(B, -1, -1))
-        x = torch.cat([*prefix, x], dim=1)  # (B, prefix + N, C)
-        x = self.pos_drop(x + self._pos_embed_for(height, width))
+    def _block(self, block: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, height=height, width=width)
+        return block(x, height=height, width=width)
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """Normalised tokens ``(B, prefix + N, C)`` of images ``x (B, in_chans, H_img, W_img)``.
+
+        ``attn_mask`` and ``is_causal`` (timm's signature) must be left unset.
+        """
+        if attn_mask is not None or is_causal:
+            raise ValueError("iRPE models take no attn_mask and no is_causal")
+        x, height, width = self._embed(x)
         for block in self.blocks:
-            x = block(x, height=height, width=width)
+            x = self._block(block, x, height, width)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Logits from the normalised tokens (class token; the distilled model also uses the distillation token).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_chans, H_img, W_img)`` -> logits ``(B, num_classes)`` (pooled features without a head).
 
-        The distilled model returns ``(logits, logits_dist)`` in training mode and their mean in eval mode, as DeiT.
+        Unlike timm's ViT, no ``attn_mask``/``is_causal``: every token attends to every token. That also keeps them
+        out of ``torch.fx`` traces, whose inputs are the forward's arguments.
         """
-        if pre_logits:
-            return x[:, 0] if not self.distilled else (x[:, 0], x[:, 1])
-        logits = self.head(x[:, 0])  # (B, num_classes)
-        if not self.distilled:
-            return logits
-        logits_dist = self.head_dist(x[:, 1])  # (B, num_classes)
-        if self.training and not torch.jit.is_scripting():
-            return logits, logits_dist
-        return (logits + logits_dist) / 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(B, in_chans, H_img, W_img)`` -> logits ``(B, num_classes)`` (see :meth:`forward_head`)."""
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
+        """Block outputs as timm's ``VisionTransformer.forward_intermediates`` gives them (same arguments).
 
-class DistilledVisionTransformer(VisionTransformer):
-    """DeiT with a distillation token and head: ``VisionTransformer(..., distilled=True)``."""
+        Args:
+            x: images ``(B, in_chans, H_img, W_img)``.
+            indices: blocks to take: the last ``n`` for an int, these for a list, all for ``None``.
+            return_prefix_tokens: pair every intermediate with its prefix tokens ``(B, prefix, C)``.
+            norm: apply the final norm to the intermediates.
+            stop_early: run no block after the last one taken.
+            output_fmt: ``'NCHW'`` (``(B, C, height, width)``) or ``'NLC'`` (``(B, N, C)``) patch tokens.
+            intermediates_only: return the intermediates only.
+            output_dict: return ``{'image_intermediates', 'image_intermediates_prefix', 'image_features'}``.
+            attn_mask: must be ``None``; is_causal: must be ``False`` (timm's signature).
 
-    def __init__(self, *args, **kwargs) -> None:
-        if kwargs.pop("distilled", True) is not True:
+        Returns:
+            ``(final normalised tokens, intermediates)``, the intermediates alone, or the dict.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise ValueError("iRPE models take no attn_mask and no is_causal")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, height, width = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = self._block(block, x, height, width)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]  # (B, prefix, C)
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]  # (B, N, C)
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+
+class DistilledVisionTransformer(VisionTransformer, VisionTransformerDistilled):
+    """DeiT with a distillation token and head, timm's ``VisionTransformerDistilled`` with :class:`RPEBlock`.
+
+    Takes the arguments of :class:`VisionTransformer`. As timm's, it returns ``(logits, logits_dist)`` only in
+    training mode after ``set_distilled_training(True)``, and their mean otherwise.
+    """
+
+    def __init__(self, *args: Any, distilled: bool = True, **kwargs: Any) -> None:
+        if distilled is not True:
             raise ValueError("DistilledVisionTransformer is always distilled; use VisionTransformer instead")
-        super().__init__(*args, distilled=True, **kwargs)
+        super().__init__(*args, **kwargs)
+
+    def _dist_token(self) -> torch.Tensor | None:
+        return self.dist_token
 
 
-def _check_rpe_skip(rpe_config: irpe.RPEConfigs | None) -> None:
-    """The class token is always present: an iRPE configuration must reserve a skip bucket for it."""
+def _check_rpe_skip(rpe_config: irpe.RPEConfigs | None, num_prefix_tokens: int) -> None:
+    """The class (and distillation) tokens are iRPE's skip tokens: the configuration must reserve exactly them."""
     if not _uses_rpe(rpe_config):
         return
     for which in "qkv":
         single = getattr(rpe_config, f"rpe_{which}")
-        if single is not None and single.skip < 1:
+        if single is not None and single.skip != num_prefix_tokens:
             raise ValueError(
-                f"rpe_{which} has skip={single.skip}, but the VisionTransformer prepends a class token: build the "
-                "configuration with get_rpe_config(..., skip=1)"
+                f"rpe_{which} has skip={single.skip}, but the model has {num_prefix_tokens} prefix token(s) (class "
+                f"token, distillation token): build the configuration with get_rpe_config(..., skip="
+                f"{num_prefix_tokens})"
             )

@@ -20,6 +20,17 @@ from models import NoReleasedWeightsError, PretrainedWeightsError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
 SMALL = {"img_size": 32, "num_classes": 4, "depth": 1}  # a small stand-in for the 224/1000-class release
+# timm's DeiT release models, which hubconf.py lists beside the iRPE models.
+DEIT_BASELINES = [
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "deit_tiny_distilled_patch16_224",
+    "deit_small_distilled_patch16_224",
+    "deit_base_distilled_patch16_224",
+    "deit_base_patch16_384",
+    "deit_base_distilled_patch16_384",
+]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -177,7 +188,7 @@ def test_baseline_checkpoint_and_hash(mirror, hub_dir: Path, tmp_path: Path) -> 
     """DeiT release checkpoints carry a SHA-256 prefix in their name: checked on download."""
     url, served = mirror
     torch.manual_seed(0)
-    source = models.deit_tiny_patch16_224(**SMALL)
+    source = timm.create_model("deit_tiny_patch16_224", **SMALL)
     path = tmp_path / "deit.pth"
     torch.save({"model": source.state_dict()}, path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
@@ -185,9 +196,10 @@ def test_baseline_checkpoint_and_hash(mirror, hub_dir: Path, tmp_path: Path) -> 
     (served / "zoo" / f"deit_tiny_patch16_224-{digest}.pth").write_bytes(path.read_bytes())
     (served / "zoo" / "deit_tiny_patch16_224-00000000.pth").write_bytes(path.read_bytes())
 
-    model = models.deit_tiny_patch16_224(pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **SMALL)
+    overlay = {"file": str(path), "num_classes": SMALL["num_classes"]}  # timm keeps a head of the checkpoint's size
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, **SMALL)
     _assert_loaded(model, source.state_dict())
-    target = models.deit_tiny_patch16_224(**SMALL)
+    target = timm.create_model("deit_tiny_patch16_224", **SMALL)
     models.load_pretrained(target, f"{url}deit_tiny_patch16_224-{digest}.pth", check_hash=True, progress=False)
     _assert_loaded(target, source.state_dict())
     with pytest.raises(PretrainedWeightsError, match="could not download"):
@@ -208,4 +220,4 @@ def test_hubconf_lists_every_model() -> None:
     spec.loader.exec_module(hubconf)
     assert hubconf.dependencies == ["torch", "timm"]
     entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_")}
-    assert entries == set(rpe_models.MODEL_ZOO) | set(models.BASELINES)
+    assert entries == set(rpe_models.MODEL_ZOO) | set(DEIT_BASELINES)

@@ -1,4 +1,4 @@
-"""The registered iRPE models, the DeiT baselines and the VisionTransformer itself."""
+"""The registered iRPE models and the VisionTransformer itself, against timm's own DeiT baselines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from timm.layers import DropPath
 
 import irpe
-import models
 import rpe_models
 from rpe_vision_transformer import DistilledVisionTransformer, RPEAttention, VisionTransformer
 
@@ -32,7 +31,9 @@ PARAMS = {
     "deit_base_patch16_224": 86567656,
 }
 IRPE_NAMES = list(rpe_models.MODEL_ZOO)
-BASELINE_NAMES = list(models.BASELINES)
+# timm's DeiT release models (tiny/small/base at 224, base at 384, plain and distilled): the plain baselines that our
+# VisionTransformer (rpe_config=None) reproduces.
+BASELINE_NAMES = [name for name in timm.list_models("deit_*") if name not in rpe_models.MODEL_ZOO]
 SMALL_CFG = {"ratio": 1.9, "method": "product", "mode": "ctx", "shared_head": True, "skip": 1, "rpe_on": "qkv"}
 
 
@@ -42,6 +43,13 @@ def _small_model(**kwargs) -> VisionTransformer:
     args.setdefault("rpe_config", irpe.get_rpe_config(**SMALL_CFG))
     args.update(kwargs)
     return VisionTransformer(qkv_bias=True, **args)
+
+
+def _baseline(name: str, **kwargs) -> VisionTransformer:
+    """Our VisionTransformer without iRPE, built as timm's DeiT ``name``."""
+    size = next(size for size in rpe_models.DEIT_ARCHS if f"_{size}_" in name)
+    args = {"img_size": 384 if name.endswith("384") else 224, "distilled": "distilled" in name}
+    return VisionTransformer(**{**rpe_models.DEIT_ARCHS[size], **args, **kwargs})
 
 
 def _fill_tables(model: torch.nn.Module, seed: int = 0) -> None:
@@ -67,18 +75,24 @@ def test_params_reference_table_is_ours() -> None:
 )
 def test_param_count(name: str) -> None:
     with torch.device("meta"):
-        model = timm.create_model(name) if name in IRPE_NAMES else getattr(models, name)()
+        model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
 
 
 def test_registered_with_timm() -> None:
-    assert set(timm.list_models("deit_*_ctx_*")) == set(IRPE_NAMES)
-    # timm's own DeiT names are left alone (models.py registers nothing)
-    assert timm.models.get_pretrained_cfg("deit_tiny_patch16_224") is not None
+    assert set(timm.list_models(module="rpe_models")) == set(IRPE_NAMES)  # (tools may register variants of theirs)
+    released = {name for name, entry in rpe_models.MODEL_ZOO.items() if entry.released}
+    assert set(timm.list_pretrained("*ctx*")) == released
+    for name in IRPE_NAMES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg is not None and cfg.url == (
+            rpe_models.checkpoint_location(name, rpe_models.MODEL_ZOO_URL) if name in released else ""
+        )
+    # timm's own DeiT names are left alone
     assert timm.models.model_entrypoint("deit_tiny_patch16_224").__module__.startswith("timm.")
 
 
-@pytest.mark.parametrize("name", IRPE_NAMES + BASELINE_NAMES)
+@pytest.mark.parametrize("name", IRPE_NAMES)
 def test_build_forward_backward(name: str) -> None:
     """Each model at a 32x32 input (2x2 grid), cut to 2 blocks: a training step reaches every parameter.
 
@@ -86,7 +100,7 @@ def test_build_forward_backward(name: str) -> None:
     """
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "num_classes": 3, "drop_path_rate": 0.1, "depth": 2}
-    model = timm.create_model(name, **kwargs) if name in IRPE_NAMES else getattr(models, name)(**kwargs)
+    model = timm.create_model(name, **kwargs)
     drop_paths = [m for m in model.modules() if isinstance(m, DropPath)]
     assert [m.drop_prob for m in drop_paths][-1] == pytest.approx(0.1)  # drop_path_rate reached the blocks
     for m in drop_paths:
@@ -94,7 +108,7 @@ def test_build_forward_backward(name: str) -> None:
     model.train()
     out = model(torch.randn(2, 3, 32, 32))
     outs = out if isinstance(out, tuple) else (out,)
-    assert len(outs) == (2 if models.BASELINES.get(name, None) and models.BASELINES[name].distilled else 1)
+    assert len(outs) == 1
     assert all(o.shape == (2, 3) for o in outs)
     sum(o.square().sum() for o in outs).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -111,7 +125,10 @@ def test_zero_tables_equal_plain_deit(name: str) -> None:
     model = timm.create_model(name, img_size=32, num_classes=4, depth=2).eval()  # 2 blocks: same iRPE, faster
     tables = {n: p for n, p in model.named_parameters() if "lookup_table" in n}
     assert tables and all(not p.any() for p in tables.values())
-    plain = models.create_deit(rpe_models.MODEL_ZOO[name].size, img_size=32, num_classes=4, depth=2).eval()
+    plain = timm.create_model(
+        f"deit_{rpe_models.MODEL_ZOO[name].size}_patch16_224", img_size=32, num_classes=4, depth=2
+    )
+    plain.eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in tables}, strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -122,10 +139,10 @@ def test_zero_tables_equal_plain_deit(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 def test_baseline_equals_timm_deit(name: str) -> None:
-    """Our baseline takes timm's DeiT state dict (same layout as the DeiT release) strictly and agrees with it."""
+    """Without iRPE ours takes timm's DeiT state dict (the DeiT release's layout) strictly and agrees with it."""
     torch.manual_seed(0)
     theirs = timm.create_model(name, img_size=32, num_classes=6, depth=2).eval()
-    ours = getattr(models, name)(img_size=32, num_classes=6, depth=2).eval()
+    ours = _baseline(name, img_size=32, num_classes=6, depth=2).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -136,17 +153,24 @@ def test_baseline_equals_timm_deit(name: str) -> None:
 def test_baselines_match_timm_layout(name: str) -> None:
     """Full size, on the meta device: the same keys and shapes as timm's DeiT, i.e. as the DeiT release."""
     with torch.device("meta"):
-        ours = getattr(models, name)().state_dict()
+        ours = _baseline(name).state_dict()
         theirs = timm.create_model(name).state_dict()
     assert [(k, v.shape) for k, v in ours.items()] == [(k, theirs[k].shape) for k in ours]
     assert set(ours) == set(theirs)
 
 
 def test_distilled_train_and_eval_outputs() -> None:
-    model = DistilledVisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=1, num_heads=2)
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    """timm's distilled DeiT: (logits, logits_dist) in training after set_distilled_training(True), else their mean."""
+    config = irpe.get_rpe_config(**{**SMALL_CFG, "skip": 2})
+    model = _small_model(depth=1, rpe_config=config, distilled=True)
+    assert isinstance(model, DistilledVisionTransformer) and model.num_prefix_tokens == 2
+    assert {"pos_embed", "cls_token", "dist_token"} <= model.no_weight_decay()
+    _fill_tables(model)
     x = torch.randn(2, 3, 32, 32)
-    logits, logits_dist = model.train()(x)
+    model.train()
+    assert model(x).shape == (2, 5)
+    model.set_distilled_training(True)
+    logits, logits_dist = model(x)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), (logits + logits_dist).detach() / 2)
@@ -156,11 +180,14 @@ def test_distilled_train_and_eval_outputs() -> None:
 
 def test_no_weight_decay_and_classifier_reset() -> None:
     model = _small_model()
-    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    assert {"pos_embed", "cls_token"} <= model.no_weight_decay()
+    assert not any("lookup_table" in name for name in model.no_weight_decay())  # the tables decay, as in iRPE
     model.reset_classifier(7)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 32)
+    model.reset_classifier(0, "")  # no pooling: every token
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1 + 16, 32)
 
 
 def test_non_square_image() -> None:
@@ -202,8 +229,13 @@ def test_user_errors() -> None:
         RPEAttention(dim=8, num_heads=2, attn_impl="flash")
     with pytest.raises(ValueError, match="rpe_config"):
         rpe_models.create_irpe_deit(IRPE_NAMES[0], rpe_config=None)
-    with pytest.raises(ValueError, match="unknown DeiT size"):
-        models.create_deit("huge")
+    # a distilled model has two prefix tokens: skip=1 is refused when it is built, not at its first forward
+    with pytest.raises(ValueError, match=r"skip=1, but the model has 2 prefix token"):
+        _small_model(distilled=True)
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        _small_model(patch_drop_rate=0.1)
+    with pytest.raises(ValueError, match="attn_mask"):
+        _small_model().forward_features(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(17, 17))
 
 
 def test_state_dict_has_no_bucket_caches() -> None:

@@ -13,7 +13,8 @@
   sum the attention per bucket first and then multiply ``(L, nb) @ (nb, d)`` (``H * L * nb * d``).
 
 Published #Params, MACs and top-1/top-5 come from ``rpe_models.MODEL_ZOO`` (the original authors' ImageNet-1k
-results). Usage: ``python tools/model_zoo.py [--json] [--baselines]``.
+results); the plain DeiT-T/S/B rows (``--baselines``) are timm's own ``deit_*`` models. Usage:
+``python tools/model_zoo.py [--json] [--baselines]``.
 """
 
 from __future__ import annotations
@@ -25,26 +26,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.layers import Attention
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import irpe  # noqa: E402
-import models  # noqa: E402
 import rpe_models  # noqa: E402
-from rpe_vision_transformer import VisionTransformer  # noqa: E402
+
+BASELINES = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 
 
-def build_on_meta(name: str) -> VisionTransformer:
-    """Build the zoo or baseline model ``name`` on the meta device (shapes only)."""
+def build_on_meta(name: str) -> nn.Module:
+    """Build the zoo model or timm baseline ``name`` on the meta device (shapes only)."""
     # MACs are counted on the paper's explicit attention ('math'): a fused kernel is one opaque op to the counter.
     with torch.device("meta"):
         if name in rpe_models.MODEL_ZOO:
             return rpe_models.create_irpe_deit(name, attn_impl="math")
-        if name in models.BASELINES:
-            return getattr(models, name)(attn_impl="math")
+        if name in BASELINES:
+            model = timm.create_model(name)
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fused_attn = False  # timm's explicit q @ k^T and attn @ v
+            return model
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -58,7 +65,7 @@ def _value_encodings(model: nn.Module) -> list[irpe.iRPE]:
     return [m for m in model.modules() if isinstance(m, irpe.iRPE) and not m.transposed]
 
 
-def count_macs(model: VisionTransformer, img_size: tuple[int, int] = (224, 224)) -> tuple[int, int]:
+def count_macs(model: nn.Module, img_size: tuple[int, int] = (224, 224)) -> tuple[int, int]:
     """MACs of one image through ``model``: ``(original convention, ours)`` (see the module docstring).
 
     Args:
@@ -102,7 +109,7 @@ def zoo_rows(names: Sequence[str] | None = None, baselines: bool = False) -> lis
     if names is None:
         names = list(rpe_models.MODEL_ZOO)
         if baselines:
-            names = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", *names]
+            names = [*BASELINES, *names]
     rows = []
     for name in names:
         model = build_on_meta(name)
@@ -122,7 +129,7 @@ def zoo_rows(names: Sequence[str] | None = None, baselines: bool = False) -> lis
                 "macs_m": round(macs / 1e6, 1),
                 "macs_ours_m": round(macs_ours / 1e6, 1),
                 "released": entry.released if entry else True,
-                "checkpoint": (rpe_models.MODEL_ZOO_URL + f"{name}.pth") if entry else models.BASELINES[name].url,
+                "checkpoint": (rpe_models.MODEL_ZOO_URL + f"{name}.pth") if entry else _timm_url(name),
                 "published_params_m": entry.params_m if entry else None,
                 "published_macs_m": entry.macs_m if entry else None,
                 "top1": entry.top1 if entry else None,
@@ -131,6 +138,11 @@ def zoo_rows(names: Sequence[str] | None = None, baselines: bool = False) -> lis
             }
         )
     return rows
+
+
+def _timm_url(name: str) -> str:
+    """The release URL in timm's pretrained cfg of ``name`` (DeiT's own file)."""
+    return timm.models.get_pretrained_cfg(name).url
 
 
 def _fmt(value: float | None, spec: str) -> str:
