@@ -106,7 +106,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def _argv(files: dict[str, Path], extra: list[str]) -> list[str]:
     base = ["--model", MODEL, "--data-path", "{data}", "--device", "cpu", "--input-size", "32", "--batch-size", "2",
-            "--num_workers", "0", "--epochs", "1", "--aa", "none", "--reprob", "0"]  # fmt: skip
+            "--num_workers", "0", "--epochs", "1"]  # fmt: skip
     out = []
     for a in base + extra:
         out.append(str(files[a[1:-1]]) if a.startswith("{") and a.endswith("}") else a)

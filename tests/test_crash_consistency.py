@@ -60,8 +60,8 @@ def data(tmp_path_factory) -> Path:
 
 def _argv(data: Path, out: Path, epochs: int, resume: bool) -> list[str]:
     argv = ["--model", MODEL, "--input-size", "32", "--device", "cpu", "--num_workers", "0", "--batch-size", "4",
-            "--data-path", str(data), "--output_dir", str(out), "--epochs", str(epochs), "--aa", "none", "--reprob",
-            "0", "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--print-freq", "100"]  # fmt: skip
+            "--data-path", str(data), "--output_dir", str(out), "--epochs", str(epochs),
+            "--print-freq", "100"]  # fmt: skip
     return argv + (["--resume", str(out / "checkpoint.pth")] if resume else [])
 
 
