@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,12 @@ def shared_reference() -> Path:
     if not SHARED_REFERENCE.is_dir():
         pytest.skip(f"{SHARED_REFERENCE} is absent")
     return SHARED_REFERENCE
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path) -> Iterator[Path]:
+    """torch.hub's directory inside tmp_path for the test; downloads are cached in ``<hub_dir>/checkpoints``."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)

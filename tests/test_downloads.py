@@ -61,15 +61,6 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    """torch.hub's directory inside tmp_path; downloads are cached in ``<hub_dir>/checkpoints``."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
-
-
-@pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub_dir: Path) -> Iterator[Server]:
     root = tmp_path / "served"
     root.mkdir()

@@ -39,15 +39,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    """torch.hub's directory inside tmp_path for the test."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
-
-
-@pytest.fixture
 def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     """An HTTP server on 127.0.0.1 serving ``tmp_path/served``; yields ``(url prefix, directory)``."""
     served = tmp_path / "served"
