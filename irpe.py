@@ -567,10 +567,11 @@ def backend_report() -> str:
 
 
 class FusedTerm(NamedTuple):
-    """One table of a q/k encoding, as the fused attention path consumes it.
+    """One table of an encoding, as the fused attention paths consume it.
 
-    ``weight`` is the module's parameter (contextual ``(Hm, d, nb)`` or bias ``(Hm, nb)``), ``index`` its bucket ids
-    ``(L, L)``; a query term (``rpe_q``) is looked up with the keys and transposed onto the logits.
+    ``weight`` is the module's parameter, ``index`` its bucket ids ``(L, L)``. On queries or keys the weight is
+    contextual ``(Hm, d, nb)`` or bias ``(Hm, nb)``, and a query term (``rpe_q``) is looked up with the keys and
+    transposed onto the logits; on values (``rpe_v``, always contextual) it is ``(Hm, nb, d)``, with both flags False.
     """
 
     weight: torch.Tensor
@@ -726,15 +727,16 @@ class iRPE(nn.Module):
     def fused_terms(
         self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
     ) -> list[FusedTerm]:
-        """This q/k encoding for the fused attention paths of :func:`rpe_attention`: its weight and bucket ids.
+        """This encoding for the fused attention paths of :func:`rpe_attention`: its weight and bucket ids.
 
         Args:
             x: the queries (keys for an encoding on queries) ``(B, H, L, d)``; gives the length and device.
             height, width: the patch grid.
-            is_query: whether this is the encoding on queries (looked up with the keys, transposed).
+            is_query: whether this is the encoding on queries (looked up with the keys, transposed); False for the
+                encoding on values, whose term is ``(Hm, nb, d)``.
         """
-        if not self.transposed:
-            raise ValueError("fused_terms() is for encodings on queries or keys; the values encoding has none")
+        if not self.transposed and is_query:
+            raise ValueError("the values encoding is not one on queries: call fused_terms() with is_query=False")
         height, width, skip = self.resolve_grid(x.size(2), height, width)
         index = self.get_bucket_ids(height, width, skip, x.device)
         weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
@@ -832,18 +834,27 @@ def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float)
     return _per_row_table(term.weight, term.is_bias, k if term.is_query else q, scale)
 
 
-def _fused_bias(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """The additive logit bias ``(b|1, H|1, L, L)`` of all terms for the batch slice ``q, k``."""
+def _bias_rows(terms: Sequence[FusedTerm], tables: Sequence[torch.Tensor], i0: int, i1: int) -> torch.Tensor | None:
+    """Rows ``i0:i1`` of the additive logit bias of all terms, ``(b|1, H|1, i1 - i0, Lk)``, from the terms' per-row
+    tables (:func:`_term_table`); ``None`` without terms."""
     bias = None
-    for term in terms:
-        part = rpe_index(_term_table(term, q, k, scale), term.index)
-        part = part.transpose(2, 3) if term.is_query else part
+    for term, table in zip(terms, tables):
+        if term.is_query:  # looked up with the keys: (b, H, Lk, rows), transposed onto the logits
+            part = rpe_index(table, term.index[:, i0:i1].contiguous()).transpose(2, 3)
+        else:
+            part = rpe_index(table[:, :, i0:i1], term.index[i0:i1])
         bias = part if bias is None else bias + part
     return bias
 
 
-# Batch slices of the fused path hold about this many bytes of each (b, H, L, L) work tensor: this bounds the memory
-# of the temporaries (and keeps them closer to the caches) while keeping the kernels large.
+def _fused_bias(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The additive logit bias ``(b|1, H|1, L, L)`` of all terms for the batch slice ``q, k``."""
+    return _bias_rows(terms, [_term_table(term, q, k, scale) for term in terms], 0, q.size(2))
+
+
+# Work tensors of the sdpa path (a batch slice, or a block of its query rows, of the (B, H, L, L) logits) hold about
+# this many bytes: this bounds the memory of the temporaries (and keeps them closer to the caches) while keeping the
+# kernels large.
 _FUSED_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 
@@ -852,13 +863,25 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _chunk_bytes(device: torch.device) -> int:
+    return _FUSED_CHUNK_BYTES.get(device.type, 256 << 20)
+
+
 def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
     B, H, L, _ = q.shape
     if torch.compiler.is_compiling():
         return [(0, B)]  # one slice: a loop over a symbolic batch would fix it to the traced size
     per_sample = H * L * L * 4
-    step = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_sample, 1))
+    step = max(1, _chunk_bytes(q.device) // max(per_sample, 1))
     return [(start, min(start + step, B)) for start in range(0, B, step)]
+
+
+def _row_blocks(q: torch.Tensor, batch: int, num_keys: int) -> list[tuple[int, int]]:
+    """Blocks ``(i0, i1)`` of query rows whose ``(batch, H, i1 - i0, num_keys)`` work tensors fit the chunk size: all
+    rows at once unless a single sample's logits exceed it (large L)."""
+    H, L = q.size(1), q.size(2)
+    rows = max(1, _chunk_bytes(q.device) // max(batch * H * num_keys * 4, 1))
+    return [(start, min(start + rows, L)) for start in range(0, L, rows)]
 
 
 def _table_backward(
@@ -881,68 +904,134 @@ def _table_backward(
     return dx
 
 
+def _values_term(value_terms: Sequence[FusedTerm], probs: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """``sum_u bucket_sum(P, index_u) @ W_u`` for rows ``i0:i1`` of the probabilities, ``probs (b, H, rows, Lk)``:
+    what the encodings on values add to the attention's output, ``(b, H, rows, d)``."""
+    out = None
+    for term in value_terms:
+        sums = rpe_bucket_sum(probs, term.index[i0:i1], term.weight.size(1))  # (b, H, rows, nb)
+        part = torch.matmul(sums, term.weight)  # (Hm, nb, d) -> (b, H, rows, d)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 class _RPEBiasAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale + bias) @ v`` with the iRPE bias, fused and memory-efficient.
+    """Attention with the iRPE terms, fused and memory-efficient: ``P @ v + sum_u bucket_sum(P, index_u) @ W_u`` with
+    ``P = softmax(q k^T * scale + bias)``, ``bias`` from the terms on queries and keys, ``W_u`` the encodings on values.
 
     The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, batch slice
-    by batch slice. Nothing beyond ``q, k, v`` and the output is kept for backward: the backward recomputes the
-    tables (``q @ W``, small), the bias and the probabilities slice by slice (as flash attention does), and gives the
-    encodings' gradients through bucket sums of the logits' gradient. No ``(B, H, L, L)`` tensor lives from forward
-    to backward, and the temporaries of either pass are bounded by the slice size.
+    by batch slice, for ``P @ v``. With encodings on values it then recomputes ``P`` block by block of query rows
+    (softmax of complete rows, so each block is exact on its own) and adds its bucket sums times ``W_u``. Nothing
+    beyond ``q, k, v`` and the output is kept for backward: the backward recomputes the tables (``q @ W``, small),
+    the bias and the probabilities block by block (as flash attention does), and gives the encodings' gradients
+    through bucket sums of the logits' gradient (q/k terms) and of the probabilities (values terms). No
+    ``(B, H, L, L)`` tensor lives from forward to backward, and the temporaries of either pass are bounded by the
+    block size (``_FUSED_CHUNK_BYTES``; the forward's mask holds one batch slice).
+
+    This is plain PyTorch: its numbers are tested on CPU tensors, and on CUDA it serves ``impl='auto'``.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], *weights_and_indices):
+    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], num_values: int, *tensors):
         n = len(kinds)
-        weights, indices = weights_and_indices[:n], weights_and_indices[n:]
-        terms = [FusedTerm(w, i, *kind) for w, i, kind in zip(weights, indices, kinds)]
+        weights, indices = tensors[:n], tensors[n : 2 * n]
+        value_weights, value_indices = tensors[2 * n : 2 * n + num_values], tensors[2 * n + num_values :]
         work = _work_dtype(q.dtype)
+        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(weights, indices, kinds)]
+        value_terms = [FusedTerm(w.to(work), i, False, False) for w, i in zip(value_weights, value_indices)]
         outs = []
         with _autocast_disabled(q.device.type), torch.no_grad():
             for b0, b1 in _batch_chunks(q):
                 qc, kc = q[b0:b1], k[b0:b1]
-                bias = _fused_bias(terms, qc.to(work), kc.to(work), scale).to(q.dtype)
-                outs.append(nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=bias, scale=scale))
+                qw, kw = qc.to(work), kc.to(work)
+                tables = [_term_table(term, qw, kw, scale) for term in terms]
+                bias = _bias_rows(terms, tables, 0, q.size(2))
+                mask = None if bias is None else bias.to(q.dtype)
+                out = nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=mask, scale=scale)
+                if value_terms:
+                    out = out.to(work)
+                    for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
+                        logits = torch.matmul(qw[:, :, i0:i1], kw.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
+                        if bias is not None:
+                            logits += bias[:, :, i0:i1]
+                        out[:, :, i0:i1] += _values_term(value_terms, torch.softmax(logits, dim=-1), i0, i1)
+                    out = out.to(q.dtype)
+                outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        ctx.save_for_backward(q, k, v, out, *weights, *indices)
-        ctx.scale, ctx.kinds = scale, kinds
+        ctx.save_for_backward(q, k, v, out, *tensors)
+        ctx.scale, ctx.kinds, ctx.num_values = scale, kinds, num_values
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, *saved = ctx.saved_tensors
-        n = len(ctx.kinds)
+        n, nv = len(ctx.kinds), ctx.num_values
         work = _work_dtype(q.dtype)
-        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n:], ctx.kinds)]
+        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n : 2 * n], ctx.kinds)]
+        value_terms = [
+            FusedTerm(w.to(work), i, False, False) for w, i in zip(saved[2 * n : 2 * n + nv], saved[2 * n + nv :])
+        ]
         scale = ctx.scale
         grads_qkv = []
         grad_weights = [torch.zeros_like(term.weight) for term in terms]
+        grad_value_weights = [torch.zeros_like(term.weight) for term in value_terms]
         with _autocast_disabled(q.device.type):
             for b0, b1 in _batch_chunks(q):
                 qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
                 oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
-                logits = torch.matmul(qc, kc.transpose(-2, -1)).mul_(scale)  # (b, H, L, L)
-                probs = torch.softmax(logits.add_(_fused_bias(terms, qc, kc, scale)), dim=-1)
-                del logits
-                delta = (gc * oc).sum(-1, keepdim=True)  # (b, H, L, 1): rowsum(P * dP)
-                grad_logits = torch.matmul(gc, vc.transpose(-2, -1)).sub_(delta).mul_(probs)  # (b, H, L, L)
-                dv = torch.matmul(probs.transpose(-2, -1), gc)
-                del probs
-                dq = torch.matmul(grad_logits, kc).mul_(scale)
-                dk = torch.matmul(grad_logits.transpose(-2, -1), qc).mul_(scale)
-                for term, grad_weight in zip(terms, grad_weights):
-                    g = grad_logits.transpose(2, 3) if term.is_query else grad_logits
-                    if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
-                        g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
-                    grad_table = rpe_bucket_sum(g, term.index, term.weight.size(-1))  # (b|1, H|Hm, L, nb)
-                    dx = _table_backward(term, grad_table, kc if term.is_query else qc, scale, grad_weight)
+                tables = [_term_table(term, qc, kc, scale) for term in terms]  # (b|1, H|Hm, L, nb), small
+                dq = torch.empty_like(qc)
+                dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
+                query_grad_tables: dict[int, torch.Tensor] = {}  # query terms: summed over the row blocks
+                for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
+                    qb, gb = qc[:, :, i0:i1], gc[:, :, i0:i1]
+                    logits = torch.matmul(qb, kc.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
+                    bias = _bias_rows(terms, tables, i0, i1)
+                    probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
+                    del logits, bias
+                    # rowsum(P * dP) = dO . O, O including the values terms (their dP is dO . W_u[bucket])
+                    delta = (gb * oc[:, :, i0:i1]).sum(-1, keepdim=True)  # (b, H, rows, 1)
+                    grad_probs = torch.matmul(gb, vc.transpose(-2, -1))  # (b, H, rows, L)
+                    for term, grad_weight in zip(value_terms, grad_value_weights):
+                        index = term.index[i0:i1]
+                        grad_probs += rpe_index(torch.matmul(gb, term.weight.transpose(-2, -1)), index)
+                        sums = rpe_bucket_sum(probs, index, term.weight.size(1))  # (b, H, rows, nb)
+                        grad_weight += torch.matmul(sums.transpose(-2, -1), gb).sum(0).sum_to_size(grad_weight.shape)
+                    grad_logits = grad_probs.sub_(delta).mul_(probs)  # (b, H, rows, L)
+                    dv += torch.matmul(probs.transpose(-2, -1), gb)
+                    del probs
+                    dq[:, :, i0:i1] = torch.matmul(grad_logits, kc).mul_(scale)
+                    dk += torch.matmul(grad_logits.transpose(-2, -1), qb).mul_(scale)
+                    for t, (term, grad_weight) in enumerate(zip(terms, grad_weights)):
+                        nb = term.weight.size(-1)
+                        if term.is_query:  # the table's rows are the keys: its gradient sums over the row blocks
+                            g = grad_logits.transpose(2, 3)
+                            if term.is_bias:
+                                g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
+                            grad_table = rpe_bucket_sum(g, term.index[:, i0:i1].contiguous(), nb)  # (b|1, H|Hm, L, nb)
+                            if t in query_grad_tables:
+                                query_grad_tables[t] += grad_table
+                            else:
+                                query_grad_tables[t] = grad_table
+                            continue
+                        g = grad_logits
+                        if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
+                            g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
+                        grad_table = rpe_bucket_sum(g, term.index[i0:i1], nb)  # (b|1, H|Hm, rows, nb)
+                        dx = _table_backward(term, grad_table, qb, scale, grad_weight)
+                        if dx is not None:
+                            dq[:, :, i0:i1] += dx
+                for t, grad_table in query_grad_tables.items():
+                    dx = _table_backward(terms[t], grad_table, kc, scale, grad_weights[t])
                     if dx is not None:
-                        (dk if term.is_query else dq).add_(dx)
+                        dk += dx
                 grads_qkv.append((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)))
         grad_q, grad_k, grad_v = grads_qkv[0] if len(grads_qkv) == 1 else (torch.cat(g) for g in zip(*grads_qkv))
         grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
-        return grad_q, grad_k, grad_v, None, None, *grad_weights, *([None] * n)
+        grad_value_weights = [g.to(w.dtype) for g, w in zip(grad_value_weights, saved[2 * n : 2 * n + nv])]
+        no_grads = [None] * n, [None] * nv
+        return grad_q, grad_k, grad_v, None, None, None, *grad_weights, *no_grads[0], *grad_value_weights, *no_grads[1]
 
 
 def _flex_attention_fn(device: torch.device):
@@ -995,16 +1084,19 @@ def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torc
     """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'`` or ``'ops'``.
 
     ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built and the
-    lookup backend is not forced to PyTorch (``IRPE_BACKEND=torch``), ``'sdpa'`` elsewhere. An encoding on values
-    needs the attention probabilities, and attention dropout needs its mask in backward: both run the paper's
-    explicit formulation (``'math'``) whatever was asked.
+    lookup backend is not forced to PyTorch (``IRPE_BACKEND=torch``), ``'sdpa'`` elsewhere (CUDA included). Both
+    serve encodings on values too, without keeping the probabilities: ``'ops'`` sums each block of probabilities
+    into the values' buckets inside the kernel, ``'sdpa'`` recomputes the probabilities block by block of query rows
+    for them. FlexAttention cannot give those sums, so ``'flex'`` with an encoding on values runs ``'sdpa'``.
+    Attention dropout needs its mask in backward: it runs the paper's explicit formulation (``'math'``) whatever was
+    asked.
 
     Raises:
         ValueError: for an unknown ``impl``, or ``'ops'`` where the kernel cannot run (with the reason).
     """
     if impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
-    if impl == "math" or has_rpe_v or dropout_p > 0:
+    if impl == "math" or dropout_p > 0:
         return "math"
     if impl == "ops":
         usable, why = _ops_attention_usable(device)
@@ -1014,14 +1106,18 @@ def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torc
     if impl == "auto":
         fused_cpu = device is not None and _backend != "torch" and _ops_attention_usable(device)[0]
         return "ops" if fused_cpu else "sdpa"
+    if impl == "flex" and has_rpe_v:
+        return "sdpa"
     return impl
 
 
-def _ops_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
-    """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights and computes their tables itself, one
-    ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)`` log-sum-exps is kept
-    for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32 (as PyTorch's CPU
-    attention accumulates); autograd goes through the op's registered backward."""
+def _ops_rpe_attention(
+    q, k, v, scale: float, terms: Sequence[FusedTerm], value_terms: Sequence[FusedTerm] = ()
+) -> torch.Tensor:
+    """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights (values' included) and computes their
+    tables itself, one ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)``
+    log-sum-exps is kept for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32
+    (as PyTorch's CPU attention accumulates); autograd goes through the op's registered backward."""
     dtype = q.dtype
     work = _work_dtype(dtype)
     with _autocast_disabled(q.device.type):
@@ -1033,6 +1129,8 @@ def _ops_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> tor
             [term.index for term in terms],
             [term.is_query for term in terms],
             scale,
+            [term.weight.to(work) for term in value_terms],
+            [term.index for term in value_terms],
         )
     return out.to(dtype)
 
@@ -1063,9 +1161,10 @@ def rpe_attention(
         height, width: the patch grid; ``L - height * width`` leading tokens are the configured skip tokens.
         scale: logit scale, ``head_dim ** -0.5`` by default.
         dropout_p: attention dropout probability (pass 0 in eval mode).
-        impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward) or
-            ``'flex'`` (FlexAttention with a ``score_mod``; compiled on CUDA) or ``'ops'`` (the fused CPU kernel of
-            ``rpe_ops``).
+        impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward;
+            values terms from probabilities recomputed block by block), ``'flex'`` (FlexAttention with a
+            ``score_mod``; compiled on CUDA; with an encoding on values it runs ``'sdpa'``) or ``'ops'`` (the fused
+            CPU kernel of ``rpe_ops``, values terms included).
 
     Returns:
         ``(B, H, L, head_dim)``.
@@ -1084,11 +1183,12 @@ def rpe_attention(
         if rpe_v is not None:
             out = out + rpe_v(attn, height, width)
         return out
-    if rpe_q is None and rpe_k is None:
+    if rpe_q is None and rpe_k is None and rpe_v is None:
         return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
     if rpe_q is not None:
         terms += rpe_q.fused_terms(k, height, width, is_query=True)
+    value_terms = rpe_v.fused_terms(q, height, width) if rpe_v is not None else []
     if path == "flex":
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError(
@@ -1097,10 +1197,13 @@ def rpe_attention(
             )
         return _flex_rpe_attention(q, k, v, scale, terms)
     if path == "ops":
-        return _ops_rpe_attention(q, k, v, scale, terms)
+        return _ops_rpe_attention(q, k, v, scale, terms, value_terms)
     kinds = tuple((term.is_bias, term.is_query) for term in terms)
     weights, indices = [term.weight for term in terms], [term.index for term in terms]
-    return _RPEBiasAttention.apply(q, k, v, scale, kinds, *weights, *indices)
+    value_weights, value_indices = [term.weight for term in value_terms], [term.index for term in value_terms]
+    return _RPEBiasAttention.apply(
+        q, k, v, scale, kinds, len(value_terms), *weights, *indices, *value_weights, *value_indices
+    )
 
 
 if __name__ == "__main__":

@@ -69,14 +69,24 @@ def has_cuda_kernels() -> bool:
 
 def has_attention_kernel() -> bool:
     """True when the loaded library holds the fused CPU attention kernel (`rpe_ops::rpe_attention`) in its current
-    form, which takes the encodings' weights (a library built before that took per-row tables: rebuild it)."""
+    form, which takes the encodings' weights, value terms included (a library built from an older schema, e.g. one
+    that took per-row tables or had no value terms: rebuild it)."""
     return is_available() and _attention_kernel
 
 
+# The argument names of the current schemas (rpe_attention_cpu.cpp); a library built from other sources is stale.
+_ATTENTION_SCHEMA = ("q", "k", "v", "weights", "indices", "transposed", "value_weights", "value_indices", "scale")
+_ATTENTION_BACKWARD_SCHEMA = ("grad_out", "q", "k", "v", "lse", *_ATTENTION_SCHEMA[3:])
+
+
 def _current_attention_schema() -> bool:
-    if not hasattr(torch.ops.rpe_ops, "rpe_attention"):
-        return False
-    return [a.name for a in torch.ops.rpe_ops.rpe_attention.default._schema.arguments][3] == "weights"
+    schemas = {"rpe_attention": _ATTENTION_SCHEMA, "rpe_attention_backward": _ATTENTION_BACKWARD_SCHEMA}
+    for name, expected in schemas.items():
+        if not hasattr(torch.ops.rpe_ops, name):
+            return False
+        if tuple(a.name for a in getattr(torch.ops.rpe_ops, name).default._schema.arguments) != expected:
+            return False
+    return True
 
 
 def load_error() -> str | None:
@@ -148,32 +158,41 @@ def rpe_attention(
     indices: Sequence[Tensor],
     transposed: Sequence[bool],
     scale: float,
+    value_weights: Sequence[Tensor] = (),
+    value_indices: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
-    """`softmax(scale * q @ k^T + bias) @ v` with the iRPE bias computed and looked up inside one CPU kernel.
+    """`P @ v + sum_u bucket_sum(P, value_indices[u]) @ value_weights[u]`, `P = softmax(scale * q @ k^T + bias)`,
+    with the iRPE bias and the values terms computed inside one CPU kernel.
 
-    Each term t has a per-row table: `scale * q[b,h] @ weights[t][h]` for a contextual weight `(Hw, d, nb)`, the row
-    `weights[t][h]` for a bias weight `(Hw, nb)` (`Hw = 1`: shared by the heads). A term on keys adds
+    Each logit term t has a per-row table: `scale * q[b,h] @ weights[t][h]` for a contextual weight `(Hw, d, nb)`,
+    the row `weights[t][h]` for a bias weight `(Hw, nb)` (`Hw = 1`: shared by the heads). A term on keys adds
     `table[b,h,i,indices[t][i,j]]` to logit `(i, j)`; a transposed term (on queries) has its table from `k` and adds
-    `table[b,h,j,indices[t][j,i]]`. Neither the tables nor any (B, H, Lq, Lk) tensor is ever allocated: the kernel
-    computes one (b, h)'s tables in a small buffer and works on cache-sized blocks of its query rows; the backward
-    recomputes both from the returned log-sum-exp and gives the weights' gradients directly.
+    `table[b,h,j,indices[t][j,i]]`. A value term u adds `sum_j P[b,h,i,j] * value_weights[u][h, value_indices[u][i,j]]`
+    to output row i (iRPE on values). Neither the tables nor any (B, H, Lq, Lk) tensor is ever allocated: the kernel
+    computes one (b, h)'s tables in a small buffer and works on cache-sized blocks of its query rows, summing each
+    block's probabilities into the value terms' buckets while it is in cache; the backward recomputes the blocks
+    from the returned log-sum-exp and gives the weights' gradients directly.
 
     Args:
         q: Queries (B, H, Lq, d), float32 or float64 (cast half types first), CPU; any strides with a contiguous
             last dim are read in place.
         k: Keys (B, H, Lk, d); v: values (B, H, Lk, dv), same dtype.
-        weights: One per term: `(Hw, d, nb_t)` (contextual) or `(Hw, nb_t)` (bias), `Hw` 1 or H, dtype of q.
+        weights: One per logit term: `(Hw, d, nb_t)` (contextual) or `(Hw, nb_t)` (bias), `Hw` 1 or H, dtype of q.
         indices: Bucket ids (Lq, Lk) or, transposed, (Lk, Lq); int64 or int32, values in [0, nb_t).
-        transposed: One flag per term.
+        transposed: One flag per logit term.
         scale: Factor of `q @ k^T` and of the contextual tables.
+        value_weights: One per value term: `(Hw, nb_u, dv)` (contextual; values have no bias mode), dtype of q.
+        value_indices: Bucket ids (Lq, Lk) of each value term; int64 or int32, values in [0, nb_u).
 
     Returns:
-        `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and the weights, `lse` (the
+        `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and all weights, `lse` (the
         rows' log-sum-exp, kept for backward) is not.
     """
     _require()
     flags = [int(bool(t)) for t in transposed]
-    return torch.ops.rpe_ops.rpe_attention.default(q, k, v, list(weights), list(indices), flags, float(scale))
+    return torch.ops.rpe_ops.rpe_attention.default(
+        q, k, v, list(weights), list(indices), flags, list(value_weights), list(value_indices), float(scale)
+    )
 
 
 def _check_fake_args(op: str, input: Tensor, index: Tensor) -> None:
@@ -218,40 +237,47 @@ def _rpe_bucket_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Non
     return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
 
 
-def _rpe_attention_fake(q, k, v, weights, indices, transposed, scale):
+def _rpe_attention_fake(q, k, v, weights, indices, transposed, value_weights, value_indices, scale):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "rpe_ops::rpe_attention: expected 4-D q, k, v")
     torch._check(
         len(weights) == len(indices) == len(transposed),
         lambda: "rpe_ops::rpe_attention: expected as many weights, indices and transposed flags",
+    )
+    torch._check(
+        len(value_weights) == len(value_indices),
+        lambda: "rpe_ops::rpe_attention: expected as many value weights as value indices",
     )
     # (B, Lq, H, dv) in memory, as the kernel (and PyTorch's fused attention) lays it out
     out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3])).permute(0, 2, 1, 3)
     return out, q.new_empty((q.shape[0], q.shape[1], q.shape[2]))
 
 
-def _rpe_attention_backward_fake(grad_out, q, k, v, lse, weights, indices, transposed, scale):
+def _rpe_attention_backward_fake(
+    grad_out, q, k, v, lse, weights, indices, transposed, value_weights, value_indices, scale
+):
     # contiguous, as the kernel allocates them (empty_like would keep the strides of q, k, v views)
-    return [t.new_empty(t.shape) for t in (q, k, v, *weights)]
+    return [t.new_empty(t.shape) for t in (q, k, v, *weights, *value_weights)]
 
 
 def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, weights, indices, transposed, scale = inputs
+    q, k, v, weights, indices, transposed, value_weights, value_indices, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, lse, *weights, *indices)
-    ctx.transposed, ctx.scale = transposed, scale
+    ctx.save_for_backward(q, k, v, lse, *weights, *indices, *value_weights, *value_indices)
+    ctx.transposed, ctx.num_values, ctx.scale = transposed, len(value_weights), scale
     ctx.mark_non_differentiable(lse)
 
 
 def _rpe_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
     q, k, v, lse, *rest = ctx.saved_tensors
-    n = len(ctx.transposed)
-    weights, indices = rest[:n], rest[n:]
+    n, nv = len(ctx.transposed), ctx.num_values
+    weights, indices = rest[:n], rest[n : 2 * n]
+    value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv :]
     dq, dk, dv, *dweights = torch.ops.rpe_ops.rpe_attention_backward.default(
-        grad_out, q, k, v, lse, weights, indices, ctx.transposed, ctx.scale
+        grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale
     )
     # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
     no_grad_flags = None if ctx.transposed else []
-    return dq, dk, dv, dweights, [None] * n, no_grad_flags, None
+    return dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None
 
 
 def _register_python_parts() -> None:

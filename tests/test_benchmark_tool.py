@@ -1,9 +1,11 @@
 """The benchmark tools run end to end (tiny sizes): benchmark.py with its re-exec under glibc's keep settings, the
-memory child and JSON; benchmark_attention.py with its variants."""
+memory child, JSON and several image sizes; benchmark_attention.py with its variants; tools/gpu_check.sh (syntax,
+usage, and its CPU dry run, slow)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+
+import benchmark  # noqa: E402
+
 TINY = ["--input-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--memory-repeats", "1"]
 
 
@@ -61,3 +67,71 @@ def test_attention_benchmark_cli_reports_every_variant():
     assert rows["plain"]["fwd_bwd_ratio"] == 1.0
     for row in rows.values():
         assert 0 < row["fwd_ms"] <= row["fwd_bwd_ms"], row
+
+
+def test_benchmark_cli_measures_several_image_sizes():
+    cmd = [
+        sys.executable,
+        "tools/benchmark.py",
+        *("--models", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--impls", "auto", "--malloc", "default"),
+        *("--threads", "1", "--json", *TINY[2:], "--img-size", "32", "48"),
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["input_size"], r["seq_len"]) for r in rows] == [(32, 5), (48, 10)]
+    table = benchmark.format_table([benchmark.Result(**row) for row in rows])
+    assert "| 48 (10) |" in table
+    assert "Memory ratio vs sequence length L:" in table and "L=5: " in table and "L=10: " in table
+    bad = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--img-size", "30", "--malloc", "default"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--img-size 30: expected a positive multiple of the patch size" in bad.stderr
+
+
+def test_gpu_check_script_parses_and_explains_its_usage():
+    assert subprocess.run(["bash", "-n", "tools/gpu_check.sh"], cwd=REPO_ROOT, check=False).returncode == 0
+    help_text = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert help_text.returncode == 0 and "--dry-run" in help_text.stdout and "Expected time" in help_text.stdout
+    bad = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--fast"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "unknown argument --fast" in bad.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
+    # Every step of the GPU check, on CPU at tiny sizes (about 2.5 minutes on 2 shared cores): the commands, the
+    # benchmarks' Python parts and the block of results under $OUT.
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(
+        ["bash", "tools/gpu_check.sh", "--dry-run"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (block,) = tmp_path.glob("gpu_check_*.md")
+    text = block.read_text()
+    assert text.startswith("## GPU check ") and "(dry run, CPU, tiny sizes)" in text
+    for step in (
+        "backend report",
+        "pytest -m cuda",
+        "benchmark.py, k and qkv models, 224 px",
+        "benchmark.py, k and qkv models, 384 px",
+        "benchmark_attention.py, rpe on qkv",
+        "benchmark_ops.py",
+    ):
+        assert f"| {step} |" in text, step
+    assert "FAILED" not in text
+    assert "| deit_small_patch16_224_ctx_product_50_shared_qkv | auto | 32 (5) |" in text

@@ -605,9 +605,13 @@ ATTENTION_CONFIGS = [
 ]
 
 
-def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4, width=3, seed=0):
+def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4, width=3, seed=0, values_args=None):
+    """q, k, v and the encodings of ``config_args``; ``values_args`` (a config with ``rpe_on='v'``) replaces the
+    encoding on values, e.g. a contextual one beside bias encodings on queries and keys (bias has none on values)."""
     torch.manual_seed(seed)
     modules = irpe.build_rpe(irpe.get_rpe_config(**config_args), d, H)
+    if values_args is not None:
+        modules[2] = irpe.build_rpe(irpe.get_rpe_config(**values_args), d, H)[2]
     for module in modules:
         if module is not None:
             module.to(device=device, dtype=dtype)
@@ -694,27 +698,35 @@ def test_fused_paths_match_math_on_cuda(config_args, impl):
 
 def test_attention_impl_resolution(monkeypatch):
     assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.0) == "sdpa"  # no device given
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    # auto: the fused CPU kernel where it is built, PyTorch's fused attention elsewhere
-    assert irpe.resolve_attn_impl("auto", False, 0.0, cpu) == ("ops" if OPS else "sdpa")
-    assert irpe.resolve_attn_impl("auto", False, 0.0, meta) == "sdpa"
-    with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on meta"):
-        irpe.resolve_attn_impl("ops", False, 0.0, meta)
-    assert irpe.resolve_attn_impl("ops", True, 0.0, meta) == "math"
+    cpu, meta, cuda = torch.device("cpu"), torch.device("meta"), torch.device("cuda")
+    # auto: the fused CPU kernel where it is built, PyTorch's fused attention elsewhere; with values too
+    for has_rpe_v in (False, True):
+        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, cpu) == ("ops" if OPS else "sdpa")
+        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, meta) == "sdpa"
+        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, cuda) == "sdpa"
+        assert irpe.resolve_attn_impl("sdpa", has_rpe_v, 0.0, cpu) == "sdpa"
+        with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on"):
+            irpe.resolve_attn_impl("ops", has_rpe_v, 0.0, meta)
+    # FlexAttention cannot give the probabilities' bucket sums: with values it runs the sdpa path
+    assert irpe.resolve_attn_impl("flex", has_rpe_v=True, dropout_p=0.0) == "sdpa"
     monkeypatch.setattr(irpe, "_backend", "torch")  # IRPE_BACKEND=torch: no compiled code on any path
     assert irpe.resolve_attn_impl("auto", False, 0.0, cpu) == "sdpa"
+    assert irpe.resolve_attn_impl("auto", True, 0.0, cpu) == "sdpa"
     assert irpe.resolve_attn_impl("flex", has_rpe_v=False, dropout_p=0.0) == "flex"
-    # Values need the probabilities, dropout its mask: the explicit formulation serves both.
-    assert irpe.resolve_attn_impl("sdpa", has_rpe_v=True, dropout_p=0.0) == "math"
+    # Dropout needs its mask: the explicit formulation serves it, with or without values.
     assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.1) == "math"
+    assert irpe.resolve_attn_impl("ops", has_rpe_v=True, dropout_p=0.1, device=meta) == "math"
     with pytest.raises(ValueError, match=r"unknown attention implementation 'fast'; expected one of \('auto'"):
         irpe.resolve_attn_impl("fast", False, 0.0)
 
 
-def test_fused_paths_keep_no_square_tensor_for_backward():
+@pytest.mark.parametrize("rpe_on", ["k", "qkv", "v"])
+def test_fused_paths_keep_no_square_tensor_for_backward(rpe_on):
     # What autograd saves between forward and backward: the math path keeps (B, H, L, L) probabilities and more,
-    # the fused paths only q, k, v, the output (and the ops kernel the rows' log-sum-exp) and the weights.
-    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="k"), torch.float32, height=9, width=9)
+    # the fused paths only q, k, v, the output (and the ops kernel the rows' log-sum-exp) and the weights, with
+    # encodings on values too.
+    args = dict(method="product", skip=1, rpe_on=rpe_on)
+    qkv, modules, grid = _attention_inputs(args, torch.float32, height=9, width=9)
     L = qkv[0].size(2)
     for impl, expect_square in (("math", True), ("sdpa", False)) + ((("ops", False),) if OPS else ()):
         shapes = []
@@ -729,10 +741,11 @@ def test_fused_paths_keep_no_square_tensor_for_backward():
         assert has_square == expect_square, (impl, shapes)
 
 
+@pytest.mark.parametrize("rpe_on", ["qk", "qkv"])
 @pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
-def test_compile_fullgraph_through_fused_attention(impl):
+def test_compile_fullgraph_through_fused_attention(impl, rpe_on):
     torch._dynamo.reset()
-    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="qk"), torch.float32)
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on=rpe_on), torch.float32)
 
     def step(q, k, v):
         return irpe.rpe_attention(q, k, v, *modules, *grid, impl=impl)
@@ -771,11 +784,107 @@ def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
     _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
 
 
+# Encodings on values on the fused paths: every method, contextual (alone or beside bias encodings on queries and
+# keys, bias having no values mode), shared and per head, skip tokens, square and non-square grids.
+VALUES_CASES = [
+    (dict(method="product", skip=1, rpe_on="v"), None, (4, 3)),
+    (dict(method="product", skip=1, rpe_on="kv", shared_head=False), None, (3, 5)),
+    (dict(method="product", skip=1, rpe_on="qkv"), None, (4, 4)),
+    (dict(method="euc", skip=0, rpe_on="qkv", shared_head=False), None, (4, 3)),
+    (dict(method="quant", skip=2, rpe_on="kv"), None, (2, 5)),
+    (dict(method="cross", skip=1, rpe_on="qkv"), None, (4, 3)),
+    (dict(method="cross", skip=0, rpe_on="v", shared_head=False), None, (3, 3)),
+    (dict(method="euc", mode="bias", skip=1, rpe_on="qk"), dict(method="euc", skip=1, rpe_on="v"), (4, 3)),
+    (
+        dict(method="cross", mode="bias", skip=0, rpe_on="k", shared_head=False),
+        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
+        (3, 4),
+    ),
+    (
+        dict(method="quant", mode="bias", skip=2, rpe_on="qk"),
+        dict(method="quant", skip=2, rpe_on="v", shared_head=False),
+        (3, 2),
+    ),
+    (dict(method="product", mode="bias", skip=1, rpe_on="q"), dict(method="product", skip=1, rpe_on="v"), (5, 3)),
+]
+
+
+def _values_case_id(case) -> str:
+    args, values_args, (height, width) = case
+    mode = args.get("mode", "ctx") + ("+ctx-v" if values_args else "")
+    heads = "shared" if args.get("shared_head", True) else "per-head"
+    return f"{args['method']}-{mode}-{args['rpe_on']}-{heads}-skip{args['skip']}-{height}x{width}"
+
+
+VALUES_IMPLS = [
+    pytest.param("sdpa", "cpu", id="sdpa-cpu"),
+    pytest.param("ops", "cpu", marks=needs_ops_kernel, id="ops-cpu"),
+    pytest.param("sdpa", "cuda", marks=pytest.mark.cuda, id="sdpa-cuda"),
+    pytest.param("auto", "cuda", marks=pytest.mark.cuda, id="auto-cuda"),
+]
+
+
+@pytest.mark.parametrize("impl, device", VALUES_IMPLS)
+@pytest.mark.parametrize("case", VALUES_CASES, ids=_values_case_id)
+def test_fused_values_paths_match_math(case, impl, device):
+    # float64 on either device: the paths differ from the explicit formulation only in rounding.
+    args, values_args, (height, width) = case
+    qkv, modules, grid = _attention_inputs(
+        args, torch.float64, device=device, height=height, width=width, values_args=values_args
+    )
+    assert modules[2] is not None
+    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    "chunk_bytes, blocks",
+    [(2 * 3 * 17 * 17 * 4, 1), (5 * 3 * 17 * 4, 4), (16 * 3 * 17 * 4, 2), (1, 17)],
+    ids=["2-samples-all-rows", "1-sample-5-rows", "1-sample-16-rows", "1-row"],
+)
+def test_sdpa_values_path_row_blocks_match_math(monkeypatch, device, chunk_bytes, blocks):
+    # L = 17 (class token + 4x4 grid), H = 3; the chunk size counts float32 bytes of (b, H, rows, L) work tensors:
+    # slices of 2 samples take all rows, single samples blocks of 5 or 16 rows (a short last block) or of one row.
+    monkeypatch.setitem(irpe._FUSED_CHUNK_BYTES, device, chunk_bytes)
+    qkv, modules, grid = _attention_inputs(
+        dict(method="product", skip=1, rpe_on="qkv", shared_head=False),
+        torch.float64,
+        device=device,
+        B=3,
+        height=4,
+        width=4,
+    )
+    q = qkv[0]
+    b0, b1 = irpe._batch_chunks(q)[0]
+    assert len(irpe._row_blocks(q, b1 - b0, q.size(2))) == blocks
+    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
+
+
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+def test_fused_values_paths_half_precision(impl):
+    # bfloat16 through the values paths: computed in float32 (the kernel) or recomputed in float32 (sdpa's blocks).
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="qkv"), torch.float32)
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    half_qkv = [t.detach().to(torch.bfloat16).requires_grad_() for t in qkv]
+    for m in modules:
+        m.to(torch.bfloat16)
+    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
 @needs_ops_kernel
 @pytest.mark.parametrize(
     "config_args",
-    [dict(method="product", skip=1, rpe_on="qk"), dict(method="cross", mode="bias", skip=0, rpe_on="qk")],
-    ids=["product-ctx-qk", "cross-bias-qk"],
+    [
+        dict(method="product", skip=1, rpe_on="qk"),
+        dict(method="cross", mode="bias", skip=0, rpe_on="qk"),
+        dict(method="product", skip=1, rpe_on="qkv"),
+        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
+    ],
+    ids=["product-ctx-qk", "cross-bias-qk", "product-ctx-qkv", "cross-ctx-v"],
 )
 def test_ops_kernel_row_blocks_match_math(config_args):
     # L = 290: the kernel's blocks of query rows (65536 logits) split every (b, h) into two, the last one short.

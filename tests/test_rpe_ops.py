@@ -397,8 +397,9 @@ def test_torch_compile_fullgraph_inductor() -> None:
 # rpe_attention: the fused CPU attention kernel
 
 
-def _reference_attention(q, k, v, weights, indices, transposed, scale):
-    """softmax(scale q k^T + bias) @ v with the tables and the bias built explicitly (the op's definition)."""
+def _reference_attention(q, k, v, weights, indices, transposed, scale, value_weights=(), value_indices=()):
+    """softmax(scale q k^T + bias) @ v (+ the value terms' bucket sums of the probabilities @ their weights) with the
+    tables, the bias and the bucket sums built explicitly (the op's definition)."""
     B, H = q.shape[:2]
     logits = scale * q @ k.transpose(-2, -1)
     for weight, index, tr in zip(weights, indices, transposed):
@@ -411,7 +412,11 @@ def _reference_attention(q, k, v, weights, indices, transposed, scale):
         gathered = table.gather(3, index.reshape(1, 1, rows, cols).expand(B, H, rows, cols))
         logits = logits + (gathered.transpose(2, 3) if tr else gathered)
     probs = logits.softmax(-1)
-    return probs @ v, logits.logsumexp(-1)
+    out = probs @ v
+    for weight, index in zip(value_weights, value_indices):  # (Hw, nb, dv), (Lq, Lk)
+        sums = ref_rpe_bucket_sum(probs, index, weight.size(1))  # (B, H, Lq, nb)
+        out = out + sums @ weight
+    return out, logits.logsumexp(-1)
 
 
 def _attention_case(Lq: int = 7, Lk: int = 9, nb: int = 5, dtype=torch.float64, requires_grad: bool = False):
@@ -437,16 +442,29 @@ def _attention_case(Lq: int = 7, Lk: int = 9, nb: int = 5, dtype=torch.float64, 
     return q, k, v, weights, indices, [False, True, False, True], 0.7
 
 
+def _value_terms(v: torch.Tensor, Lq: int, nb: int = 5, requires_grad: bool = False):
+    """Two terms on values: a per-head weight (H, nb, dv) and one shared by the heads (1, nb + 3, dv), with bucket ids
+    (Lq, Lk)."""
+    H, Lk, dv = v.size(1), v.size(2), v.size(3)
+    weights = [randn(H, nb, dv, dtype=v.dtype, seed=11), randn(1, nb + 3, dv, dtype=v.dtype, seed=12)]
+    indices = [make_index(Lq, Lk, nb, "cpu", seed=13), make_index(Lq, Lk, nb + 3, "cpu", seed=14)]
+    if requires_grad:
+        weights = [w.requires_grad_() for w in weights]
+    return weights, indices
+
+
 @needs_ops
+@pytest.mark.parametrize("with_values", [False, True], ids=["qk-terms", "qk-and-value-terms"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rpe_attention_matches_its_definition(dtype) -> None:
+def test_rpe_attention_matches_its_definition(dtype, with_values) -> None:
     q, k, v, weights, indices, transposed, scale = _attention_case(dtype=dtype, requires_grad=True)
-    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)
-    ref, ref_lse = _reference_attention(q, k, v, weights, indices, transposed, scale)
+    value_weights, value_indices = _value_terms(v, q.size(2), requires_grad=True) if with_values else ([], [])
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale, value_weights, value_indices)
+    ref, ref_lse = _reference_attention(q, k, v, weights, indices, transposed, scale, value_weights, value_indices)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(lse, ref_lse.detach(), **tol)
-    leaves = [q, k, v, *weights]
+    leaves = [q, k, v, *weights, *value_weights]
     grad = randn(*out.shape, dtype=dtype)
     for g, r in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(g, r, **tol)
@@ -461,18 +479,20 @@ def test_rpe_attention_reads_strided_inputs_in_place() -> None:
     q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
     weights = [randn(*shape, dtype=torch.float64, seed=9).requires_grad_() for shape in ((H, d, nb), (1, nb))]
     indices = [make_index(L, L, nb, "cpu"), make_index(L, L, nb, "cpu")]
-    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, [False, True], 0.5)
-    ref, _ = _reference_attention(q, k, v, weights, indices, [False, True], 0.5)
+    vw, vi = [randn(1, nb, d, dtype=torch.float64, seed=10).requires_grad_()], [make_index(L, L, nb, "cpu", seed=3)]
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, [False, True], 0.5, vw, vi)
+    ref, _ = _reference_attention(q, k, v, weights, indices, [False, True], 0.5, vw, vi)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    leaves = [q, k, v, *weights]
+    leaves = [q, k, v, *weights, *vw]
     for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     # The fake kernels must give the real ones' layouts for such views too: inductor compiles against them.
-    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], 0.5))
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], vw, vi, 0.5))
     q, k, v, *weights = (t.detach() for t in (q, k, v, *weights))
-    args = (out.detach().contiguous(), q, k, v, lse, weights, indices, [0, 1], 0.5)
+    vw = [w.detach() for w in vw]
+    args = (out.detach().contiguous(), q, k, v, lse, weights, indices, [0, 1], vw, vi, 0.5)
     for op, op_args in (
-        (torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], 0.5)),
+        (torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, [0, 1], vw, vi, 0.5)),
         (torch.ops.rpe_ops.rpe_attention_backward.default, args),
     ):
         real = op(*op_args)
@@ -482,15 +502,50 @@ def test_rpe_attention_reads_strided_inputs_in_place() -> None:
 
 
 @needs_ops
-def test_rpe_attention_gradcheck_and_opcheck() -> None:
+@pytest.mark.parametrize("with_values", [False, True], ids=["qk-terms", "qk-and-value-terms"])
+def test_rpe_attention_gradcheck_and_opcheck(with_values) -> None:
     q, k, v, weights, indices, transposed, scale = _attention_case(Lq=4, Lk=5, nb=3, requires_grad=True)
+    value_weights, value_indices = _value_terms(v, 4, nb=2, requires_grad=True) if with_values else ([], [])
+    n = len(weights)
 
-    def fn(q, k, v, *weights):
-        return rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)[0]
+    def fn(q, k, v, *all_weights):
+        weights, value_weights = all_weights[:n], all_weights[n:]
+        return rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale, value_weights, value_indices)[0]
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, *weights))
+    assert torch.autograd.gradcheck(fn, (q, k, v, *weights, *value_weights))
     flags = [int(t) for t in transposed]
-    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, (q, k, v, weights, indices, flags, scale))
+    args = (q, k, v, weights, indices, flags, value_weights, value_indices, scale)
+    torch.library.opcheck(torch.ops.rpe_ops.rpe_attention.default, args)
+
+
+@needs_ops
+def test_rpe_attention_with_value_terms_only() -> None:
+    # rpe_on='v': no logit term, only bucket sums of the probabilities; opcheck covers the fake kernel's arity.
+    q, k, v = (randn(2, 3, L, 4, dtype=torch.float64, seed=s).requires_grad_() for L, s in ((6, 1), (6, 2), (6, 3)))
+    value_weights, value_indices = _value_terms(v, 6, requires_grad=True)
+    out, _ = rpe_ops.rpe_attention(q, k, v, [], [], [], 0.5, value_weights, value_indices)
+    ref, _ = _reference_attention(q, k, v, [], [], [], 0.5, value_weights, value_indices)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    leaves = (q, k, v, *value_weights)
+    for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(
+        torch.ops.rpe_ops.rpe_attention.default, (q, k, v, [], [], [], value_weights, value_indices, 0.5)
+    )
+
+
+@needs_ops
+def test_stale_attention_schema_is_not_used(monkeypatch) -> None:
+    # A library built before the value terms existed has another schema: has_attention_kernel() must then be False
+    # (irpe reports "rebuild"), never call the op with the wrong arguments.
+    assert rpe_ops._current_attention_schema()
+    monkeypatch.setattr(rpe_ops, "_ATTENTION_SCHEMA", ("q", "k", "v", "weights", "indices", "transposed", "scale"))
+    assert not rpe_ops._current_attention_schema()
+    import irpe  # noqa: PLC0415
+
+    monkeypatch.setattr(rpe_ops, "_attention_kernel", False)
+    usable, why = irpe._ops_attention_usable(torch.device("cpu"))
+    assert not usable and "rebuild" in why
 
 
 @needs_ops
@@ -525,14 +580,33 @@ def test_rpe_attention_empty_and_termless() -> None:
         (lambda a: a["indices"].__setitem__(1, a["indices"][1].t()), r"term 1: expected bucket ids of shape \(9, 7\)"),
         (lambda a: a["indices"].__setitem__(0, a["indices"][0] + 5), r"bucket ids must lie in \[0, 5\)"),
         (lambda a: a["indices"].__setitem__(0, a["indices"][0].float()), "expected int64 or int32 bucket ids"),
+        (lambda a: a.update(value_indices=a["value_indices"][:1]), "expected as many value weights as value indices"),
+        (
+            lambda a: a["value_weights"].__setitem__(0, a["value_weights"][0][:, :, :4]),
+            r"value term 0: expected a weight of shape \(Hw, nb, 6\) with Hw = 1 or 3",
+        ),
+        (lambda a: a["value_weights"].__setitem__(1, a["value_weights"][1][0]), r"value term 1: expected a weight"),
+        (lambda a: a["value_weights"].__setitem__(0, a["value_weights"][0][:2]), r"value term 0: expected a weight"),
+        (lambda a: a["value_weights"].__setitem__(1, a["value_weights"][1].float()), "value term 1: expected a Double"),
+        (
+            lambda a: a["value_indices"].__setitem__(0, a["value_indices"][0].t()),
+            r"value term 0: expected bucket ids of shape \(7, 9\)",
+        ),
+        (lambda a: a["value_indices"].__setitem__(1, a["value_indices"][1] + 8), r"bucket ids must lie in \[0, 8\)"),
+        (lambda a: a["value_indices"].__setitem__(0, a["value_indices"][0].float()), "value term 0: expected int64"),
     ],
 )
 def test_rpe_attention_errors(mutate, message) -> None:
     q, k, v, weights, indices, transposed, scale = _attention_case()
+    value_weights, value_indices = _value_terms(v, q.size(2))
     args = dict(q=q, k=k, v=v, weights=weights, indices=indices, transposed=[int(t) for t in transposed])
+    args.update(value_weights=value_weights, value_indices=value_indices)
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.rpe_ops.rpe_attention(**args, scale=scale)
+    grad_out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)  # the backward checks the same arguments
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.rpe_ops.rpe_attention_backward(grad_out, lse=q.new_zeros(q.shape[:3]), **args, scale=scale)
 
 
 @needs_ops
@@ -542,13 +616,14 @@ def test_rpe_attention_without_direct_blas_calls() -> None:
         """
         import sys, torch
         sys.path.insert(0, "tests")
-        from test_rpe_ops import _attention_case, _reference_attention
+        from test_rpe_ops import _attention_case, _reference_attention, _value_terms
         import rpe_ops
         q, k, v, weights, indices, transposed, scale = _attention_case(requires_grad=True)
-        out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale)
-        ref, _ = _reference_attention(q, k, v, weights, indices, transposed, scale)
+        vw, vi = _value_terms(v, q.size(2), requires_grad=True)
+        out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale, vw, vi)
+        ref, _ = _reference_attention(q, k, v, weights, indices, transposed, scale, vw, vi)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        leaves = (q, k, v, *weights)
+        leaves = (q, k, v, *weights, *vw)
         for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
             torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
         print("ok")

@@ -16,8 +16,13 @@ on what the other model freed before it (on a 2-core VM, 0 to 115k minor faults,
 model), which swamps the few percent being measured. ``--malloc default`` times with glibc's defaults; the table
 reports the median minor page faults per train step either way.
 
+``--img-size 224 384`` measures each model at several resolutions (L = 197 and 577 tokens for 16 px patches): the
+table has a row per size, and a last section gives each path's memory ratio as a function of L (the ``math`` path
+keeps ``(B, H, L, L)`` probabilities, so its ratio grows with L; the fused paths' should stay flat).
+
 Examples:
     python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
+    python tools/benchmark.py --img-size 224 384 --malloc default --steps 10   # the targets at both resolutions
     python tools/benchmark.py --impls math sdpa --steps 5       # compare attention paths
     python tools/benchmark.py --device cuda --amp-dtype bfloat16 --batch-size 128 --impls auto flex
 """
@@ -47,15 +52,19 @@ import timm  # noqa: E402
 
 import rpe_models  # noqa: E402, F401  (registers the iRPE models)
 
-# iRPE model -> (target train-time ratio, target memory ratio, target inference ratio) on CPU; None: no target.
+# iRPE model -> (target train-time ratio, target memory ratio, target inference ratio) on CPU, at every image size;
+# None: no target.
 CPU_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
-    "deit_small_patch16_224_ctx_product_50_shared_k": (1.05, 1.10, 1.05),
-    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1.20, None, None),
+    "deit_small_patch16_224_ctx_product_50_shared_k": (1.03, 1.02, 1.03),
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1.05, 1.05, 1.05),
 }
 CUDA_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
     # training throughput >= 0.90x means step time <= 1/0.90 = 1.11x
     "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.90, 1.10, None),
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1 / 0.90, 1.10, None),
 }
+# Paths whose targets are checked: the default and the fused ones (math is the reference, not a target).
+TARGET_IMPLS = ("auto", "ops", "sdpa")
 MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
 # --malloc keep: allocations up to glibc's largest mmap threshold (32 MiB) come from the heap, which is never trimmed
 KEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -69,6 +78,8 @@ class Result:
     model: str
     attn_impl: str
     baseline: str
+    input_size: int
+    seq_len: int
     train_ms: float
     baseline_train_ms: float
     train_ratio: float
@@ -174,7 +185,8 @@ def _plain_name(model_name: str) -> str:
 
 
 def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> Result:
-    """Interleave train steps and inference passes of an iRPE model and its plain DeiT; median per-pair ratios."""
+    """Interleave train steps and inference passes of an iRPE model and its plain DeiT at ``args.input_size``;
+    median per-pair ratios."""
     baseline_name = _plain_name(model_name)
     torch.manual_seed(0)
     ours = Runner(timm.create_model(model_name, img_size=args.input_size, attn_impl=impl), args, device)
@@ -199,11 +211,15 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
     train_ratio = statistics.median(a / b for a, b in zip(train["ours"], train["plain"]))
     infer_ratio = statistics.median(a / b for a, b in zip(infer["ours"], infer["plain"]))
     targets = (CUDA_TARGETS if device.type == "cuda" else CPU_TARGETS).get(model_name, (None, None, None))
+    if impl not in TARGET_IMPLS:
+        targets = (None, None, None)
     train_ms, plain_train_ms = statistics.median(train["ours"]) * 1e3, statistics.median(train["plain"]) * 1e3
     return Result(
         model=model_name,
         attn_impl=impl,
         baseline=baseline_name,
+        input_size=args.input_size,
+        seq_len=1 + (args.input_size // 16) ** 2,
         train_ms=train_ms,
         baseline_train_ms=plain_train_ms,
         train_ratio=train_ratio,
@@ -252,7 +268,7 @@ def measure_memory(model_name: str, impl: str, args: argparse.Namespace, device:
         str(args.threads),
         "--batch-size",
         str(args.batch_size),
-        "--input-size",
+        "--img-size",
         str(args.input_size),
         "--amp-dtype",
         args.amp_dtype,
@@ -277,13 +293,14 @@ def _verdict(value: float, target: float | None) -> str:
 def format_table(results: list[Result]) -> str:
     """Markdown table of the results, with a line per target."""
     lines = [
-        "| model | attn | train ms | plain train ms | train ratio | img/s | infer ms | infer ratio "
+        "| model | attn | img (L) | train ms | plain train ms | train ratio | img/s | infer ms | infer ratio "
         "| peak MiB | plain peak MiB | memory ratio | page faults/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.model} | {r.attn_impl} | {r.train_ms:.0f} | {r.baseline_train_ms:.0f} | {r.train_ratio:.3f} "
+            f"| {r.model} | {r.attn_impl} | {r.input_size} ({r.seq_len}) | {r.train_ms:.0f} "
+            f"| {r.baseline_train_ms:.0f} | {r.train_ratio:.3f} "
             f"| {r.train_img_s:.1f} | {r.infer_ms:.0f} | {r.infer_ratio:.3f} | {r.peak_mib:.0f} "
             f"| {r.baseline_peak_mib:.0f} | {r.memory_ratio:.3f} "
             f"| {r.train_faults:.0f} / {r.baseline_train_faults:.0f} |"
@@ -293,11 +310,24 @@ def format_table(results: list[Result]) -> str:
         t = r.targets
         if any(v is not None for v in t.values()):
             lines.append(
-                f"- {r.model} [{r.attn_impl}]: train {r.train_ratio:.3f}x{_verdict(r.train_ratio, t['train_ratio'])}, "
+                f"- {r.model} [{r.attn_impl}] at {r.input_size}: "
+                f"train {r.train_ratio:.3f}x{_verdict(r.train_ratio, t['train_ratio'])}, "
                 f"memory {r.memory_ratio:.3f}x{_verdict(r.memory_ratio, t['memory_ratio'])}, "
                 f"inference {r.infer_ratio:.3f}x{_verdict(r.infer_ratio, t['infer_ratio'])}"
             )
+    growth = memory_growth(results)
+    if growth:
+        lines += ["", "Memory ratio vs sequence length L:", ""]
+        lines += [f"- {key}: " + ", ".join(f"L={L}: {ratio:.3f}x" for L, ratio in points) for key, points in growth]
     return "\n".join(lines)
+
+
+def memory_growth(results: list[Result]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """Each (model, path) measured at more than one size, with its memory ratio per sequence length."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        series.setdefault(f"{r.model} [{r.attn_impl}]", []).append((r.seq_len, r.memory_ratio))
+    return [(key, sorted(points)) for key, points in series.items() if len(points) > 1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -314,7 +344,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument(
+        "--img-size",
+        "--input-size",
+        dest="img_sizes",
+        type=int,
+        nargs="+",
+        default=[224],
+        help="image sizes (multiples of 16), each measured in turn, e.g. --img-size 224 384",
+    )
     parser.add_argument("--amp-dtype", choices=["none", "float16", "bfloat16"], default="none")
     parser.add_argument("--steps", type=int, default=10, help="measured (interleaved) steps per model")
     parser.add_argument("--warmup", type=int, default=2)
@@ -340,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(
             sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **KEEP_MALLOC_ENV}
         )
+    bad = [size for size in args.img_sizes if size <= 0 or size % 16]
+    if bad:
+        print(f"error: --img-size {bad[0]}: expected a positive multiple of the patch size (16)", file=sys.stderr)
+        return 2
+    args.input_size = args.img_sizes[0]
     if args.memory_child:
         torch.set_num_threads(args.threads)
         ours, plain = _peaks(args.models[0], args.impls[0], args, device)
@@ -351,18 +394,25 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     results = []
-    for model_name in args.models:
-        for impl in args.impls:
-            result = measure(model_name, impl, args, device)
-            results.append(result)
-            if not args.json:
-                print(f"measured {model_name} [{impl}]: train {result.train_ratio:.3f}x", file=sys.stderr, flush=True)
+    for size in args.img_sizes:
+        args.input_size = size
+        for model_name in args.models:
+            for impl in args.impls:
+                result = measure(model_name, impl, args, device)
+                results.append(result)
+                if not args.json:
+                    print(
+                        f"measured {model_name} [{impl}] at {size}: train {result.train_ratio:.3f}x, "
+                        f"inference {result.infer_ratio:.3f}x, memory {result.memory_ratio:.3f}x",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
         print(
-            f"# {where}; batch {args.batch_size}, {args.input_size}px, AMP {args.amp_dtype}; "
+            f"# {where}; batch {args.batch_size}, {'/'.join(map(str, args.img_sizes))}px, AMP {args.amp_dtype}; "
             f"torch {torch.__version__}, timm {timm.__version__}; median of {args.steps} interleaved steps"
             + (f"; malloc {args.malloc}" if device.type == "cpu" else "")
         )

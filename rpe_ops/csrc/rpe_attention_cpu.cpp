@@ -5,7 +5,10 @@
 //                   = table_t[b,h,j,index_t[j,i]]          (a transposed term, on queries: looked up with the keys)
 //   table_t[b,h]    = scale * x[b,h] @ weight_t[h]         (contextual: x = q on keys, k transposed; (Hw, d, nb))
 //                   = weight_t[h] on every row             (bias: (Hw, nb));  Hw = 1 shares the weight across heads
-//   out = softmax(logits) @ v,  lse[b,h,i] = logsumexp_j logits[b,h,i,j]
+//   P = softmax(logits),  lse[b,h,i] = logsumexp_j logits[b,h,i,j]
+//   out[b,h,i] = sum_j P[b,h,i,j] * (v[b,h,j] + sum_u value_weight_u[h, value_index_u[i,j]])
+//              = P @ v + sum_u S_u @ value_weight_u[h],  S_u[b,h,i,n] = sum_{j: value_index_u[i,j] = n} P[b,h,i,j]
+//   (value terms: iRPE on values, contextual weights (Hw, nb, dv))
 //
 // Why a kernel: the bias is what makes iRPE cost more than plain attention. Materialised, it and the probabilities
 // are (B, H, Lq, Lk) tensors streamed through memory several times per pass; PyTorch's fused CPU attention cannot
@@ -13,13 +16,17 @@
 // then walks its query rows in blocks whose logits fit in the L2 cache: the bias is gathered from the tables
 // straight into the block, softmax runs on it in place, and the backward recomputes the block from the saved
 // log-sum-exp (as flash attention does), turns it into the logits' gradient in place and sums that into the tables'
-// buckets before the block leaves the cache; the tables' gradients then give the weights' and q's or k's. Nothing
-// (B, H, Lq, Lk), and no table, is ever allocated, and the op's inputs are the encodings' weights themselves.
+// buckets before the block leaves the cache; the tables' gradients then give the weights' and q's or k's. A term on
+// values needs the probabilities only through their per-row bucket sums S (L, nb): the forward sums each row of the
+// block into S while it is in cache and adds S @ W_v; the backward adds (dO @ W_v^T)[bucket] to the probabilities'
+// gradient and S^T dO to W_v's. Nothing (B, H, Lq, Lk), and no table, is ever allocated, and the op's inputs are
+// the encodings' weights themselves.
 // The matrix products call BLAS on raw (row-strided) matrices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
@@ -83,9 +90,10 @@ inline float exp_nonpositive(float x) {
 }
 
 // One logit term as the kernels read it, for the current (b, h): the bucket value of row r is rows[r * sr + bucket]
-// (sr = 0 for a bias, whose rows are all the weight's row), the bucket of logit (i, j) is ids[i * Lk + j] (ids
-// already transposed for a transposed term, whose row is then j). In the backward, grad (rows x nb, contiguous)
-// receives the bucket sums of the logits' gradient.
+// (sr = 0 for a bias on keys, whose rows are all the weight's row), the bucket of logit (i, j) is ids[i * Lk + j];
+// a transposed term's row is j, and its ids are already transposed and flat, ids[i * Lk + j] = j * nb + bucket (its
+// table always has sr = nb). In the backward, grad (rows x nb, contiguous) receives the bucket sums of the logits'
+// gradient.
 template <typename scalar_t>
 struct TermView {
   const scalar_t* rows;
@@ -160,37 +168,76 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
   return sum;
 }
 
-// row[j] = row[j] * scale + bias(i, j) for every term (gathers that AVX2 turns into vector gathers).
+// row[j] += bias(i, j) for every term on keys (a gather from one contiguous row of the term's table; the logits
+// come scaled from the block's product). Transposed terms are added block-wise (add_transposed_block).
 template <typename scalar_t>
-inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, scalar_t scale,
-                              const TermView<scalar_t>* terms, int64_t n_terms, int64_t i) {
-  for (int64_t j = 0; j < Lk; ++j) {
-    row[j] *= scale;
-  }
+inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
+                              int64_t i) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
-    const int32_t* __restrict__ ix = term.ids + i * Lk;
     if (term.transposed) {
-      const scalar_t* __restrict__ base = term.rows;
-      const int64_t sr = term.sr;
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] += base[j * sr + ix[j]];
-      }
-    } else {
-      const scalar_t* __restrict__ trow = term.rows + i * term.sr;
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] += trow[ix[j]];
-      }
+      continue;
+    }
+    const int32_t* __restrict__ ix = term.ids + i * Lk;
+    const scalar_t* __restrict__ trow = term.rows + i * term.sr;
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] += trow[ix[j]];
     }
   }
 }
 
-RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, float scale, const TermView<float>* terms, int64_t n_terms,
-                                 int64_t i) {
-  add_bias_row_impl(row, Lk, scale, terms, n_terms, i);
+RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, const TermView<float>* terms, int64_t n_terms, int64_t i) {
+  add_bias_row_impl(row, Lk, terms, n_terms, i);
 }
-void add_bias_row(double* row, int64_t Lk, double scale, const TermView<double>* terms, int64_t n_terms, int64_t i) {
-  add_bias_row_impl(row, Lk, scale, terms, n_terms, i);
+void add_bias_row(double* row, int64_t Lk, const TermView<double>* terms, int64_t n_terms, int64_t i) {
+  add_bias_row_impl(row, Lk, terms, n_terms, i);
+}
+
+// Keys per tile of the transposed terms' loops: the tile's rows of the (Lk x nb) table take about 8 KiB, so they stay
+// in L1 while every row of the block visits them. Row by row, a transposed term reads one element from each of the
+// Lk table rows (a cache line per key): measured 3-4x slower than its term on keys at DeiT-S shapes (L = 197).
+template <typename scalar_t>
+int64_t key_tile(int64_t nb) {
+  return std::max<int64_t>(16, 8192 / (std::max<int64_t>(nb, 1) * static_cast<int64_t>(sizeof(scalar_t))));
+}
+
+// block[r, j] += table[offsets[r * Lk + j]] for the n rows of a block (offsets: a transposed term's flat ids of
+// those rows), in tiles of `tile` keys.
+template <typename scalar_t>
+inline void add_transposed_term_impl(scalar_t* __restrict__ block, int64_t n, int64_t Lk,
+                                     const scalar_t* __restrict__ table, const int32_t* __restrict__ offsets,
+                                     int64_t tile) {
+  for (int64_t j0 = 0; j0 < Lk; j0 += tile) {
+    const int64_t j1 = std::min(Lk, j0 + tile);
+    for (int64_t r = 0; r < n; ++r) {
+      scalar_t* __restrict__ row = block + r * Lk;
+      const int32_t* __restrict__ ix = offsets + r * Lk;
+      for (int64_t j = j0; j < j1; ++j) {
+        row[j] += table[ix[j]];
+      }
+    }
+  }
+}
+RPE_OPS_CLONES void add_transposed_term(float* block, int64_t n, int64_t Lk, const float* table, const int32_t* offsets,
+                                        int64_t tile) {
+  add_transposed_term_impl(block, n, Lk, table, offsets, tile);
+}
+void add_transposed_term(double* block, int64_t n, int64_t Lk, const double* table, const int32_t* offsets,
+                         int64_t tile) {
+  add_transposed_term_impl(block, n, Lk, table, offsets, tile);
+}
+
+// block[r, j] += table[j, index[j, i0 + r]] for every transposed term (a term on queries: its table's rows are the
+// keys); block holds n rows of Lk logits.
+template <typename scalar_t>
+void add_transposed_block(scalar_t* block, int64_t n, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
+                          int64_t i0) {
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const TermView<scalar_t>& term = terms[t];
+    if (term.transposed) {
+      add_transposed_term(block, n, Lk, term.rows, term.ids + i0 * Lk, key_tile<scalar_t>(term.nb));
+    }
+  }
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
@@ -242,36 +289,78 @@ void scale_row(double* row, int64_t n, double factor) { scale_row_impl(row, n, f
 // a single copy their read-modify-writes would chain through memory (a store-to-load stall each).
 constexpr int64_t kCopies = 4;
 
-// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
+// out[n] (+)= sum_{j: ix[j] = n} x[j] for n < nb (accumulate: add to out, else overwrite it); scratch holds
+// kCopies * nb elements.
+template <typename scalar_t>
+inline void bucket_sum_one_row(const scalar_t* __restrict__ x, int64_t Lk, const int32_t* __restrict__ ix, int64_t nb,
+                               scalar_t* __restrict__ scratch, scalar_t* __restrict__ out, bool accumulate) {
+  std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
+  int64_t j = 0;
+  for (; j + kCopies <= Lk; j += kCopies) {
+    for (int64_t c = 0; c < kCopies; ++c) {
+      scratch[c * nb + ix[j + c]] += x[j + c];
+    }
+  }
+  for (; j < Lk; ++j) {
+    scratch[ix[j]] += x[j];
+  }
+  for (int64_t n = 0; n < nb; ++n) {
+    const scalar_t sum = (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
+    out[n] = accumulate ? out[n] + sum : sum;
+  }
+}
+
+// Sums the logits' gradient of row i into the buckets of every term on keys; scratch holds kCopies * nb elements.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                     int64_t i, scalar_t* __restrict__ scratch) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
-    const int32_t* __restrict__ ix = term.ids + i * Lk;
-    const int64_t nb = term.nb;
-    if (term.transposed) {  // every key j updates a row of its own: no two updates meet
-      scalar_t* __restrict__ base = term.grad;
-      for (int64_t j = 0; j < Lk; ++j) {
-        base[j * nb + ix[j]] += g[j];
-      }
-      continue;
-    }
-    std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
-    int64_t j = 0;
-    for (; j + kCopies <= Lk; j += kCopies) {
-      for (int64_t c = 0; c < kCopies; ++c) {
-        scratch[c * nb + ix[j + c]] += g[j + c];
-      }
-    }
-    for (; j < Lk; ++j) {
-      scratch[ix[j]] += g[j];
-    }
-    scalar_t* __restrict__ grow = term.grad + i * nb;
-    for (int64_t n = 0; n < nb; ++n) {
-      grow[n] += (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
+    if (!term.transposed) {
+      bucket_sum_one_row(g, Lk, term.ids + i * Lk, term.nb, scratch, term.grad + i * term.nb, /*accumulate=*/true);
     }
   }
+}
+
+// The same for the transposed terms, over a block of n rows of the logits' gradient, in tiles of keys (as
+// add_transposed_block): grad[j, ids[i0 + r, j]] += block[r, j]. Every key j updates a row of its own, so no two
+// updates of one row of the block meet.
+template <typename scalar_t>
+void bucket_sum_transposed_block(const scalar_t* __restrict__ block, int64_t n, int64_t Lk,
+                                 const TermView<scalar_t>* terms, int64_t n_terms, int64_t i0) {
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const TermView<scalar_t>& term = terms[t];
+    if (!term.transposed) {
+      continue;
+    }
+    const int64_t tile = key_tile<scalar_t>(term.nb);
+    for (int64_t j0 = 0; j0 < Lk; j0 += tile) {
+      const int64_t j1 = std::min(Lk, j0 + tile);
+      for (int64_t r = 0; r < n; ++r) {
+        const scalar_t* __restrict__ g = block + r * Lk;
+        const int32_t* __restrict__ offsets = term.ids + (i0 + r) * Lk;  // flat: j * nb + bucket
+        scalar_t* __restrict__ base = term.grad;
+        for (int64_t j = j0; j < j1; ++j) {
+          base[offsets[j]] += g[j];
+        }
+      }
+    }
+  }
+}
+
+// row[j] += table[ix[j]]: the probabilities' gradient through a term on values (table = a row of dO @ W_v^T).
+template <typename scalar_t>
+inline void gather_add_row_impl(scalar_t* __restrict__ row, int64_t Lk, const scalar_t* __restrict__ table,
+                                const int32_t* __restrict__ ix) {
+  for (int64_t j = 0; j < Lk; ++j) {
+    row[j] += table[ix[j]];
+  }
+}
+RPE_OPS_CLONES void gather_add_row(float* row, int64_t Lk, const float* table, const int32_t* ix) {
+  gather_add_row_impl(row, Lk, table, ix);
+}
+void gather_add_row(double* row, int64_t Lk, const double* table, const int32_t* ix) {
+  gather_add_row_impl(row, Lk, table, ix);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -410,19 +499,36 @@ struct TermSpec {
   int64_t head_stride() const { return Hw == 1 ? 0 : (contextual ? d * nb : nb); }
 };
 
+// One term on values as the op receives it: a contextual weight (Hw, nb, dv) and bucket ids (Lq, Lk); the output
+// of (b, h) gets S @ weight[h], S (Lq, nb) the bucket sums of the probabilities' rows.
+struct ValueSpec {
+  const void* weight;
+  int64_t Hw, nb, dv;
+  const int32_t* ids;
+  int64_t block_offset;   // of its (rows_per_block x nb) buffers in a thread's workspace, in units of rows_per_block
+  int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward), after the logit terms'
+  int64_t head_stride() const { return Hw == 1 ? 0 : nb * dv; }
+};
+
 // The terms, checked and brought to the kernels' form; owns the contiguous weights and the int32 ids.
 struct Terms {
   std::vector<at::Tensor> weights, ids;
   std::vector<TermSpec> specs;
+  std::vector<ValueSpec> values;
   int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
+  int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
 };
 
-Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, at::TensorList weights,
-                    at::TensorList indices, at::IntArrayRef transposed) {
+Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    at::TensorList weights, at::TensorList indices, at::IntArrayRef transposed,
+                    at::TensorList value_weights, at::TensorList value_indices) {
   TORCH_CHECK(weights.size() == indices.size() && weights.size() == transposed.size(), op,
               ": expected as many weights, indices and transposed flags, got ", weights.size(), ", ", indices.size(),
               " and ", transposed.size());
-  const int64_t H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3);
+  TORCH_CHECK(value_weights.size() == value_indices.size(), op,
+              ": expected as many value weights as value indices, got ", value_weights.size(), " and ",
+              value_indices.size());
+  const int64_t H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3), dv = v.size(3);
   Terms terms;
   for (const auto t : c10::irange(weights.size())) {
     const at::Tensor& weight = weights[t];
@@ -446,16 +552,51 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, at
                 ": expected bucket ids of shape (", rows, ", ", tr ? Lq : Lk, "), got ", index.sizes());
     at::Tensor idx = index.contiguous();
     check_index_range_cpu(op, idx, nb);
-    terms.ids.push_back((tr ? idx.t() : idx).to(at::kInt).contiguous());
+    if (tr) {
+      // A transposed term's ids are kept as flat offsets into its (rows x nb) table, ids[i, j] = j * nb +
+      // index[j, i]: its gathers and scatters then take one int32 load per logit, like a term on keys.
+      TORCH_CHECK(rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
+      const at::Tensor key_offsets = at::arange(rows, idx.options().dtype(at::kLong)).mul_(nb);
+      terms.ids.push_back(idx.t().to(at::kLong).add(key_offsets.view({1, rows})).to(at::kInt).contiguous());
+    } else {
+      terms.ids.push_back(idx.to(at::kInt).contiguous());
+    }
     terms.weights.push_back(weight.contiguous());
     const TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
                         terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
                         terms.weight_elements};
-    terms.table_elements += ctx ? rows * nb : 0;
+    terms.table_elements += ctx || tr ? rows * nb : 0;  // a transposed bias term gets its row repeated
     terms.grad_elements += rows * nb;
     terms.weight_elements += weight.numel();
     terms.max_nb = std::max(terms.max_nb, nb);
     terms.specs.push_back(spec);
+  }
+  for (const auto u : c10::irange(value_weights.size())) {
+    const at::Tensor& weight = value_weights[u];
+    const at::Tensor& index = value_indices[u];
+    TORCH_CHECK(weight.device().is_cpu() && index.device().is_cpu(), op, ": value term ", u,
+                ": expected CPU tensors, got ", weight.device(), " and ", index.device());
+    TORCH_CHECK(weight.scalar_type() == q.scalar_type(), op, ": value term ", u, ": expected a ", q.scalar_type(),
+                " weight, got ", weight.scalar_type());
+    TORCH_CHECK(weight.dim() == 3 && (weight.size(0) == 1 || weight.size(0) == H) && weight.size(2) == dv, op,
+                ": value term ", u, ": expected a weight of shape (Hw, nb, ", dv, ") with Hw = 1 or ", H, ", got ",
+                weight.sizes());
+    const int64_t nb = weight.size(1);
+    TORCH_CHECK(nb < (int64_t{1} << 31), op, ": value term ", u, ": too many buckets");
+    TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, op, ": value term ", u,
+                ": expected int64 or int32 bucket ids, got ", index.scalar_type());
+    TORCH_CHECK(index.dim() == 2 && index.size(0) == Lq && index.size(1) == Lk, op, ": value term ", u,
+                ": expected bucket ids of shape (", Lq, ", ", Lk, "), got ", index.sizes());
+    at::Tensor idx = index.contiguous();
+    check_index_range_cpu(op, idx, nb);
+    terms.ids.push_back(idx.to(at::kInt).contiguous());
+    terms.weights.push_back(weight.contiguous());
+    terms.values.push_back(ValueSpec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
+                                     terms.ids.back().const_data_ptr<int32_t>(), terms.value_nb,
+                                     terms.weight_elements});
+    terms.value_nb += nb;
+    terms.weight_elements += weight.numel();
+    terms.max_nb = std::max(terms.max_nb, nb);
   }
   return terms;
 }
@@ -469,24 +610,37 @@ void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>
     const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
     TermView<scalar_t>& view = views[t];
     view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb};
+    scalar_t* table = tables + spec.table_offset;
     if (spec.contextual) {
       const Mat<scalar_t>& x = spec.transposed ? km : qm;
-      scalar_t* table = tables + spec.table_offset;
       gemm<scalar_t>(false, false, spec.rows, spec.nb, spec.d, scale, x.p, x.ld, w, spec.nb, 0, table, spec.nb);
+    } else if (spec.transposed) {  // its flat ids address a (rows x nb) table: the weight's row on every row
+      for (int64_t r = 0; r < spec.rows; ++r) {
+        std::copy(w, w + spec.nb, table + r * spec.nb);
+      }
+    }
+    if (spec.contextual || spec.transposed) {
       view.rows = table;
       view.sr = spec.nb;
     }
   }
 }
 
+// The weight of value term u for head h, as a (nb x dv) row-major matrix.
+template <typename scalar_t>
+const scalar_t* value_weight(const ValueSpec& spec, int64_t h) {
+  return static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
+}
+
 std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, at::TensorList weights,
                                                      at::TensorList indices, at::IntArrayRef transposed,
+                                                     at::TensorList value_weights, at::TensorList value_indices,
                                                      double scale) {
   constexpr const char* op = "rpe_ops::rpe_attention";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the block products are not part of any graph
   check_qkv(op, q_in, k_in, v_in);
-  const Terms terms = prepare_terms(op, q_in, k_in, weights, indices, transposed);
+  const Terms terms = prepare_terms(op, q_in, k_in, v_in, weights, indices, transposed, value_weights, value_indices);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3), dv = v.size(3);
   // (B, Lq, H, dv) in memory, as PyTorch's fused attention returns it: merging the heads afterwards is then a view.
@@ -500,10 +654,11 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
   }
   const int64_t n_terms = static_cast<int64_t>(terms.specs.size());
   const int64_t rows_per_block = block_rows(Lq, Lk);
-  // One workspace per thread (a block of logits, the contextual tables), allocated here: buffers malloc'ed inside
-  // the workers go to per-thread arenas, which return memory to the OS eagerly, and the page faults that follow cost
-  // the rest of the step dearly.
-  const int64_t per_thread = rows_per_block * Lk + terms.table_elements;
+  // One workspace per thread (a block of logits, the contextual tables, the block's bucket sums for the value terms
+  // and the scatter copies), allocated here: buffers malloc'ed inside the workers go to per-thread arenas, which
+  // return memory to the OS eagerly, and the page faults that follow cost the rest of the step dearly.
+  const int64_t per_thread =
+      rows_per_block * Lk + terms.table_elements + rows_per_block * terms.value_nb + kCopies * terms.max_nb;
   at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
@@ -513,6 +668,8 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
       const at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // OpenMP workers start without the guard
       scalar_t* logits = ws_data + at::get_thread_num() * per_thread;
       scalar_t* tables = logits + rows_per_block * Lk;
+      scalar_t* value_sums = tables + terms.table_elements;  // (rows_per_block x nb) per value term
+      scalar_t* scratch = value_sums + rows_per_block * terms.value_nb;
       std::vector<TermView<scalar_t>> views(n_terms);
       for (int64_t bh = t0; bh < t1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -521,16 +678,26 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
         make_views(terms, qm, km, h, s, tables, views.data());
         for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
           const int64_t n = std::min(rows_per_block, Lq - i0);
-          gemm<scalar_t>(false, true, n, Lk, d, 1, qm.row(i0), qm.ld, km.p, km.ld, 0, logits, Lk);  // Q K^T
+          gemm<scalar_t>(false, true, n, Lk, d, s, qm.row(i0), qm.ld, km.p, km.ld, 0, logits, Lk);  // s Q K^T
+          add_transposed_block(logits, n, Lk, views.data(), n_terms, i0);
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
-            add_bias_row(row, Lk, s, views.data(), n_terms, i0 + r);
+            add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
             const scalar_t m = row_max(row, Lk);
             const scalar_t sum = exp_shift_sum(row, Lk, m);
             scale_row(row, Lk, scalar_t(1) / sum);
             lse_data[bh * Lq + i0 + r] = m + std::log(sum);
+            for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of P[r], while the row is in L1
+              const int64_t nb = value.nb;
+              bucket_sum_one_row(row, Lk, value.ids + (i0 + r) * Lk, nb, scratch,
+                                 value_sums + value.block_offset * rows_per_block + r * nb, /*accumulate=*/false);
+            }
           }
           gemm<scalar_t>(false, false, n, dv, Lk, 1, logits, Lk, vm.p, vm.ld, 0, om.row(i0), om.ld);  // P V
+          for (const ValueSpec& value : terms.values) {  // O += S W_v
+            gemm<scalar_t>(false, false, n, dv, value.nb, 1, value_sums + value.block_offset * rows_per_block,
+                           value.nb, value_weight<scalar_t>(value, h), dv, 1, om.row(i0), om.ld);
+          }
         }
       }
     });
@@ -542,11 +709,12 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
                                                    const at::Tensor& k_in, const at::Tensor& v_in,
                                                    const at::Tensor& lse_in, at::TensorList weights,
                                                    at::TensorList indices, at::IntArrayRef transposed,
+                                                   at::TensorList value_weights, at::TensorList value_indices,
                                                    double scale) {
   constexpr const char* op = "rpe_ops::rpe_attention_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_qkv(op, q_in, k_in, v_in);
-  const Terms terms = prepare_terms(op, q_in, k_in, weights, indices, transposed);
+  const Terms terms = prepare_terms(op, q_in, k_in, v_in, weights, indices, transposed, value_weights, value_indices);
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), d = q_in.size(3);
   const int64_t dv = v_in.size(3);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Lq, dv}), op, ": expected grad_out of shape ",
@@ -569,9 +737,10 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
   at::Tensor weight_grads = at::zeros({threads, terms.weight_elements}, q.options());
   if (B * H * Lq * Lk > 0) {
     const int64_t rows_per_block = block_rows(Lq, Lk);
-    // probabilities and their gradient (a block each), contextual tables, tables' gradients, scatter copies
-    const int64_t per_thread =
-        2 * rows_per_block * Lk + terms.table_elements + terms.grad_elements + kCopies * terms.max_nb;
+    // probabilities and their gradient (a block each), contextual tables, tables' gradients, scatter copies, and per
+    // value term a block of dO W_v^T and one of bucket sums of the probabilities
+    const int64_t per_thread = 2 * rows_per_block * Lk + terms.table_elements + terms.grad_elements +
+                               kCopies * terms.max_nb + 2 * rows_per_block * terms.value_nb;
     at::Tensor workspace = at::empty({threads, per_thread}, q.options());  // see forward
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_backward_cpu", [&] {
       const auto s = static_cast<scalar_t>(scale);
@@ -586,6 +755,8 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
         scalar_t* tables = grads + rows_per_block * Lk;
         scalar_t* table_grads = tables + terms.table_elements;
         scalar_t* scratch = table_grads + terms.grad_elements;
+        scalar_t* value_grads = scratch + kCopies * terms.max_nb;  // dO W_v^T (rows_per_block x nb) per value term
+        scalar_t* value_sums = value_grads + rows_per_block * terms.value_nb;  // bucket sums of P, likewise
         scalar_t* weight_grad = wg_data + tid * terms.weight_elements;
         std::vector<TermView<scalar_t>> views(n_terms);
         for (int64_t bh = t0; bh < t1; ++bh) {
@@ -601,24 +772,41 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
           for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
             const int64_t n = std::min(rows_per_block, Lq - i0);
             const scalar_t *qb = qm.row(i0), *gb = gm.row(i0);
-            gemm<scalar_t>(false, true, n, Lk, d, 1, qb, qm.ld, km.p, km.ld, 0, probs, Lk);
+            gemm<scalar_t>(false, true, n, Lk, d, s, qb, qm.ld, km.p, km.ld, 0, probs, Lk);
+            add_transposed_block(probs, n, Lk, views.data(), n_terms, i0);
             for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
               scalar_t* row = probs + r * Lk;
-              add_bias_row(row, Lk, s, views.data(), n_terms, i0 + r);
+              add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
               exp_shift_sum(row, Lk, lse_data[bh * Lq + i0 + r]);
             }
             gemm<scalar_t>(true, false, Lk, dv, n, 1, probs, Lk, gb, gm.ld, 1, dvm.p, dvm.ld);  // dV += P^T dO
             gemm<scalar_t>(false, true, n, Lk, dv, 1, gb, gm.ld, vm.p, vm.ld, 0, grads, Lk);    // dP = dO V^T
+            for (const ValueSpec& value : terms.values) {  // G = dO W_v^T: dP[i, j] += G[i, bucket(i, j)]
+              gemm<scalar_t>(false, true, n, value.nb, dv, 1, gb, gm.ld, value_weight<scalar_t>(value, h), dv, 0,
+                             value_grads + value.block_offset * rows_per_block, value.nb);
+            }
             for (int64_t r = 0; r < n; ++r) {
               scalar_t* row = grads + r * Lk;
+              for (const ValueSpec& value : terms.values) {
+                const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
+                const int32_t* ix = value.ids + (i0 + r) * Lk;
+                gather_add_row(row, Lk, value_grads + offset, ix);
+                bucket_sum_one_row(probs + r * Lk, Lk, ix, nb, scratch, value_sums + offset, /*accumulate=*/false);
+              }
               // rowsum(P * dP) from the block rather than dO . O (flash attention's shortcut): when the softmax
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
               const scalar_t delta = row_dot(probs + r * Lk, row, Lk);
               softmax_grad_row(row, probs + r * Lk, Lk, delta);
               bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch);
             }
+            bucket_sum_transposed_block(grads, n, Lk, views.data(), n_terms, i0);
             gemm<scalar_t>(false, false, n, d, Lk, s, grads, Lk, km.p, km.ld, 0, dqm.row(i0), dqm.ld);  // dQ = s dS K
             gemm<scalar_t>(true, false, Lk, d, n, s, grads, Lk, qb, qm.ld, 1, dkm.p, dkm.ld);  // dK += s dS^T Q
+            for (const ValueSpec& value : terms.values) {  // dW_v += S^T dO
+              scalar_t* dw = weight_grad + value.weight_offset + h * value.head_stride();
+              gemm<scalar_t>(true, false, value.nb, dv, n, 1, value_sums + value.block_offset * rows_per_block,
+                             value.nb, gb, gm.ld, 1, dw, dv);
+            }
           }
           // Back through the tables: a contextual table s * x W gives dx += s * dT W^T and dW += s * x^T dT; a bias
           // table (the weight's row repeated) gives dW += the column sums of dT.
@@ -652,6 +840,10 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
     const at::Tensor& weight = terms.weights[t];
     result.push_back(weight_grad.narrow(0, terms.specs[t].weight_offset, weight.numel()).view(weight.sizes()));
   }
+  for (const auto u : c10::irange(terms.values.size())) {
+    const at::Tensor& weight = terms.weights[n_terms + u];
+    result.push_back(weight_grad.narrow(0, terms.values[u].weight_offset, weight.numel()).view(weight.sizes()));
+  }
   return result;
 }
 
@@ -659,13 +851,15 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
 }  // namespace rpe_ops
 
 TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
+  // rpe_ops/__init__.py checks these argument names: a library built from an older schema is reported as stale.
   m.def(
-      "rpe_attention(Tensor q, Tensor k, Tensor v, Tensor[] weights, Tensor[] indices, int[] transposed, float scale)"
-      " -> (Tensor, Tensor)",
+      "rpe_attention(Tensor q, Tensor k, Tensor v, Tensor[] weights, Tensor[] indices, int[] transposed,"
+      " Tensor[] value_weights, Tensor[] value_indices, float scale) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "rpe_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor[] weights,"
-      " Tensor[] indices, int[] transposed, float scale) -> Tensor[]",
+      " Tensor[] indices, int[] transposed, Tensor[] value_weights, Tensor[] value_indices, float scale)"
+      " -> Tensor[]",
       {at::Tag::pt2_compliant_tag});
 }
 
