@@ -15,20 +15,23 @@ This file is self-contained (torch only) and keeps the public API of the origina
 copied into other transformers: ``get_rpe_config`` + ``build_rpe`` give the q, k and v modules, each called as
 ``module(x, height, width)``. The two lookup primitives, :func:`rpe_index` and its adjoint
 :func:`rpe_bucket_sum`, run on the compiled ``rpe_ops`` extension when it is built and supports the tensor, and on
-an equivalent pure-PyTorch path otherwise; ``IRPE_BACKEND=auto|torch|ops`` forces a choice and
-``python -m irpe`` reports which backend serves CPU and CUDA.
+an equivalent pure-PyTorch path otherwise. The backend is an argument (``backend='auto'|'torch'|'ops'``); ``None``
+takes the innermost ``with use_backend(name):`` block's, else ``IRPE_BACKEND`` (``auto`` when unset).
+``python -m irpe`` reports which backend serves CPU and CUDA. The memory-efficient attention paths that consume
+these modules (``rpe_attention``) live in ``irpe_attention.py``, which needs only this file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import enum
 import functools
 import math
 import numbers
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -36,27 +39,33 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ENV_BACKEND",
+    "FusedTerm",
     "METHOD",
     "RPEConfig",
     "RPEConfigs",
-    "build_rpe",
     "backend_report",
+    "BUILD_HINT",
+    "build_rpe",
+    "compiled_ops",
+    "default_backend",
+    "encode_values",
     "get_absolute_positions",
     "get_bucket_ids_2d",
     "get_bucket_ids_2d_without_skip",
-    "get_backend",
     "get_num_buckets",
     "get_rpe_config",
     "get_single_rpe_config",
     "iRPE",
     "iRPE_Cross",
+    "ops_support",
+    "per_row_table",
     "piecewise_index",
     "quantize_values",
-    "rpe_attention",
+    "resolve_backend",
     "rpe_bucket_sum",
     "rpe_index",
-    "resolve_attn_impl",
-    "set_backend",
+    "use_backend",
 ]
 
 
@@ -406,14 +415,12 @@ def get_rpe_config(
 
 _BACKENDS = ("auto", "torch", "ops")
 _OPS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_backend: str = "auto"
+BUILD_HINT = "build it with `make ops` (or `cd rpe_ops && python setup.py build_ext --inplace`)"
 
 
-def _validate_backend(name: str) -> str:
+def _validate_backend(name: str, source: str) -> str:
     if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown iRPE backend {name!r} (from IRPE_BACKEND or set_backend); expected one of {_BACKENDS}"
-        )
+        raise ValueError(f"unknown iRPE backend {name!r} (from {source}); expected one of {_BACKENDS}")
     return name
 
 
@@ -430,29 +437,68 @@ def _load_rpe_ops():
 
 
 _rpe_ops, _rpe_ops_error = _load_rpe_ops()
-_BUILD_HINT = "build it with `make ops` (or `cd rpe_ops && python setup.py build_ext --inplace`)"
+
+# The process-wide default, read once: IRPE_BACKEND=auto|torch|ops (unset: auto). A bad value fails the import with
+# the reason (``python -m irpe`` turns it into one error line).
+try:
+    ENV_BACKEND: str = _validate_backend(
+        os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto",
+        f"IRPE_BACKEND={os.environ.get('IRPE_BACKEND')!r}",
+    )
+except ValueError as _err:
+    if __name__ != "__main__":
+        raise
+    raise SystemExit(f"error: {_err}") from None  # `python -m irpe`: one line, exit code 1
+# The backend of the innermost ``use_backend`` block of this thread or task; None outside any.
+_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("irpe_backend", default=None)
 
 
-def set_backend(name: str) -> str:
-    """Choose the lookup backend: ``'auto'`` (the compiled ops where they support the tensor), ``'torch'`` or
-    ``'ops'`` (the compiled ops or an error). Returns the previous choice. ``IRPE_BACKEND`` sets the default."""
-    global _backend
-    previous, _backend = _backend, _validate_backend(name)
+def compiled_ops():
+    """The compiled ``rpe_ops`` package, or ``None``, and why it is unusable (``None`` when it is usable)."""
+    return _rpe_ops, _rpe_ops_error
+
+
+def default_backend() -> str:
+    """The backend a lookup with ``backend=None`` uses: the innermost :func:`use_backend` block's, else
+    ``IRPE_BACKEND`` (``'auto'`` when unset)."""
+    override = _backend_override.get()
+    return ENV_BACKEND if override is None else override
+
+
+def resolve_backend(backend: str | None) -> str:
+    """``backend`` checked (``'auto'``, ``'torch'`` or ``'ops'``), or :func:`default_backend` for ``None``.
+
+    Raises:
+        ValueError: an unknown name.
+        RuntimeError: ``'ops'`` while the compiled extension is unavailable (with the reason and the build command).
+    """
+    name = default_backend() if backend is None else _validate_backend(backend, "the backend argument")
     if name == "ops" and _rpe_ops is None:
-        _backend = previous
         raise RuntimeError(
-            f"IRPE_BACKEND=ops but the compiled rpe_ops are unavailable: {_rpe_ops_error}; {_BUILD_HINT}"
+            f"IRPE_BACKEND=ops cannot serve: the compiled rpe_ops are unavailable ({_rpe_ops_error}); {BUILD_HINT}"
         )
-    return previous
+    return name
 
 
-def get_backend() -> str:
-    """The current backend choice (``'auto'``, ``'torch'`` or ``'ops'``)."""
-    return _backend
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the lookups (and the attention paths of ``irpe_attention``) of a ``with`` block on one backend.
+
+    ``'torch'`` runs no compiled code at all, ``'ops'`` the compiled extension or an error, ``'auto'`` the extension
+    where it supports the tensor. Blocks nest and are local to the thread or task that enters them.
+
+    Raises:
+        ValueError, RuntimeError: as :func:`resolve_backend`.
+    """
+    token = _backend_override.set(resolve_backend(name))
+    try:
+        yield name
+    finally:
+        _backend_override.reset(token)
 
 
-def _ops_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether the compiled ops can serve a tensor of this device and dtype, and why not."""
+def ops_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the compiled ops can serve a tensor of this device and dtype, and why (not)."""
     if _rpe_ops is None:
         return False, _rpe_ops_error or "not built"
     if dtype not in _OPS_DTYPES:
@@ -466,14 +512,15 @@ def _ops_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     return False, f"no compiled kernels for device type {device.type!r}"
 
 
-def _use_ops(tensor: torch.Tensor) -> bool:
-    if _backend == "torch":
+def _use_ops(tensor: torch.Tensor, backend: str | None) -> bool:
+    name = resolve_backend(backend)
+    if name == "torch":
         return False
-    supported, reason = _ops_support(tensor.device, tensor.dtype)
-    if _backend == "ops" and not supported:
+    supported, reason = ops_support(tensor.device, tensor.dtype)
+    if name == "ops" and not supported:
         raise RuntimeError(
-            f"IRPE_BACKEND=ops cannot serve a {tensor.dtype} tensor on {tensor.device}: {reason}; {_BUILD_HINT}, "
-            f"or set IRPE_BACKEND=auto to fall back to PyTorch"
+            f"IRPE_BACKEND=ops cannot serve a {tensor.dtype} tensor on {tensor.device}: {reason}; {BUILD_HINT}, "
+            f"or use the 'auto' backend to fall back to PyTorch"
         )
     return supported
 
@@ -490,7 +537,7 @@ def _check_lookup_shapes(name: str, tensor: torch.Tensor, index: torch.Tensor) -
         raise ValueError(f"{name}: the index must be int64 or int32, got {index.dtype}")
 
 
-def rpe_index(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def rpe_index(table: torch.Tensor, index: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Gather per-row bucket values: ``out[b, h, i, j] = table[b, h, i, index[i, j]]``.
 
     Its backward is :func:`rpe_bucket_sum`.
@@ -498,18 +545,21 @@ def rpe_index(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Args:
         table: ``(B, H, Lq, num_buckets)``; any strides (an expanded bias table is fine).
         index: ``(Lq, Lk)`` int64 or int32 bucket ids in ``[0, num_buckets)``.
+        backend: ``'auto'``, ``'torch'`` or ``'ops'``; ``None``: :func:`default_backend`.
 
     Returns:
         ``(B, H, Lq, Lk)``, dtype of ``table``.
     """
     _check_lookup_shapes("rpe_index", table, index)
-    if _use_ops(table):
+    if _use_ops(table, backend):
         return torch.ops.rpe_ops.rpe_index(table, index)
     B, H, Lq, _ = table.shape
     return torch.gather(table, 3, index.long().expand(B, H, Lq, index.size(1)))
 
 
-def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
+def rpe_bucket_sum(
+    values: torch.Tensor, index: torch.Tensor, num_buckets: int, backend: str | None = None
+) -> torch.Tensor:
     """Sum each row's values per bucket: ``out[b, h, i, k] = sum_{j : index[i, j] = k} values[b, h, i, j]``.
 
     The adjoint of :func:`rpe_index` (and its backward). Contextual encodings on values use it to compute
@@ -519,6 +569,7 @@ def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) 
         values: ``(B, H, Lq, Lk)``.
         index: ``(Lq, Lk)`` int64 or int32 bucket ids in ``[0, num_buckets)``.
         num_buckets: size of the last output dimension.
+        backend: as :func:`rpe_index`.
 
     Returns:
         ``(B, H, Lq, num_buckets)``, dtype of ``values``.
@@ -526,7 +577,7 @@ def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) 
     _check_lookup_shapes("rpe_bucket_sum", values, index)
     if values.size(3) != index.size(1):
         raise ValueError(f"rpe_bucket_sum: values have Lk={values.size(3)} columns but the index has {index.size(1)}")
-    if _use_ops(values):
+    if _use_ops(values, backend):
         return torch.ops.rpe_ops.rpe_bucket_sum(values, index, num_buckets)
     B, H, Lq, Lk = values.shape
     # Half types accumulate in float32, as the compiled kernels do: a row sums up to Lk values per bucket.
@@ -535,11 +586,30 @@ def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) 
     return out.scatter_add(3, index.long().expand(B, H, Lq, Lk), values.to(acc)).to(values.dtype)
 
 
-def backend_report() -> str:
+def encode_values(
+    probs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, backend: str | None = None
+) -> torch.Tensor:
+    """What a contextual encoding on values adds to ``probs @ v``: ``out[b,h,i] = sum_j probs[b,h,i,j] *
+    weight[h, index[i, j]]``, computed as ``rpe_bucket_sum(probs) @ weight`` without an ``(L, L, d)`` tensor.
+
+    Args:
+        probs: attention probabilities ``(B, H, Lq, Lk)`` (or a block of their rows, with the index's rows).
+        index: ``(Lq, Lk)`` bucket ids.
+        weight: ``(Hm, nb, d)``, ``Hm`` = 1 (shared by the heads) or ``H``.
+        backend: as :func:`rpe_index`.
+
+    Returns:
+        ``(B, H, Lq, d)``.
+    """
+    return torch.matmul(rpe_bucket_sum(probs, index, weight.size(1), backend), weight.to(probs.dtype))
+
+
+def backend_report(backend: str | None = None) -> str:
     """A human-readable account of which lookup backend serves CPU and CUDA tensors, and why."""
-    lines = [f"iRPE lookup backend: {_backend} (set IRPE_BACKEND=auto|torch|ops to change)"]
+    name = default_backend() if backend is None else _validate_backend(backend, "the backend argument")
+    lines = [f"iRPE lookup backend: {name} (set IRPE_BACKEND=auto|torch|ops to change)"]
     if _rpe_ops is None:
-        lines.append(f"rpe_ops: not available: {_rpe_ops_error}; {_BUILD_HINT}")
+        lines.append(f"rpe_ops: not available: {_rpe_ops_error}; {BUILD_HINT}")
     else:
         cuda_kernels = "with" if _rpe_ops.has_cuda_kernels() else "without"
         lines.append(f"rpe_ops: built {cuda_kernels} CUDA kernels ({os.path.dirname(_rpe_ops.__file__)})")
@@ -548,12 +618,12 @@ def backend_report() -> str:
             note = " (no CUDA device visible here)"
         else:
             note = ""
-        supported, reason = _ops_support(torch.device(device), torch.float32)
-        if _backend == "torch":
+        supported, reason = ops_support(torch.device(device), torch.float32)
+        if name == "torch":
             serving = "PyTorch (forced by IRPE_BACKEND=torch)"
         elif supported:
             serving = f"rpe_ops ({reason})"
-        elif _backend == "ops":
+        elif name == "ops":
             serving = f"error: IRPE_BACKEND=ops but {reason}"
         else:
             serving = f"PyTorch fallback ({reason})"
@@ -580,7 +650,7 @@ class FusedTerm(NamedTuple):
     is_query: bool
 
 
-def _per_row_table(weight: torch.Tensor, is_bias: bool, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def per_row_table(weight: torch.Tensor, is_bias: bool, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """The values every row looks its buckets up in, for ``x * scale`` (``(B, H, L, d)``).
 
     Contextual: ``x @ (W * scale)`` ``(B, H, L, nb)``, the scale applied to the small weight so that autograd keeps
@@ -712,22 +782,23 @@ class iRPE(nn.Module):
                     self._bucket_cache.popitem(last=False)
         return ids
 
-    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
-        """Encoding for ``x``; see the class docstring for shapes."""
+    def forward(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, backend: str | None = None
+    ) -> torch.Tensor:
+        """Encoding for ``x``; see the class docstring for shapes. ``backend``: of the lookups (:func:`rpe_index`)."""
         length = x.size(2)
         height, width, skip = self.resolve_grid(length, height, width)
         if not self.transposed and x.size(3) != length:
             raise ValueError(f"the values encoding takes attention (B, H, L, L), got {tuple(x.shape)}")
         index = self.get_bucket_ids(height, width, skip, x.device)  # (L, L)
         if self.transposed:
-            return rpe_index(self.lookup_table(x), index)  # (B, H, L, L); bias: (1, Hm, L, L)
-        # sum_j attn[i, j] * W[index[i, j]] = (bucket sums of attn) @ W: (B, H, L, nb) @ (Hm, nb, d) -> (B, H, L, d)
-        return torch.matmul(rpe_bucket_sum(x, index, self.num_buckets), self.lookup_table_weight)
+            return rpe_index(self.lookup_table(x), index, backend)  # (B, H, L, L); bias: (1, Hm, L, L)
+        return encode_values(x, index, self.lookup_table_weight, backend)
 
     def fused_terms(
         self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
     ) -> list[FusedTerm]:
-        """This encoding for the fused attention paths of :func:`rpe_attention`: its weight and bucket ids.
+        """This encoding for the fused attention paths of ``irpe_attention.rpe_attention``: its weight and bucket ids.
 
         Args:
             x: the queries (keys for an encoding on queries) ``(B, H, L, d)``; gives the length and device.
@@ -745,7 +816,7 @@ class iRPE(nn.Module):
     def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
         weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
-        return _per_row_table(weight, self.mode == "bias", x)
+        return per_row_table(weight, self.mode == "bias", x)
 
 
 class iRPE_Cross(nn.Module):
@@ -762,9 +833,12 @@ class iRPE_Cross(nn.Module):
     def num_buckets(self) -> int:
         return self.rp_rows.num_buckets
 
-    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, backend: str | None = None
+    ) -> torch.Tensor:
         """Sum of the row and the column encodings; shapes as :class:`iRPE`."""
-        return self.rp_rows(x, height=height, width=width) + self.rp_cols(x, height=height, width=width)
+        rows = self.rp_rows(x, height=height, width=width, backend=backend)
+        return rows + self.rp_cols(x, height=height, width=width, backend=backend)
 
     def fused_terms(
         self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
@@ -805,408 +879,7 @@ def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[
     return [build_one(config.rpe_q, True), build_one(config.rpe_k, True), build_one(config.rpe_v, False)]
 
 
-# The default choice; an unusable IRPE_BACKEND=ops is reported by `python -m irpe` and raised at the first lookup.
-try:
-    _backend = _validate_backend(os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto")
-except ValueError as _err:
-    if __name__ != "__main__":
-        raise
-    raise SystemExit(f"error: {_err}") from None  # `python -m irpe`: one line, exit code 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention with iRPE: the paper's formulation and fused, memory-efficient paths.
-# ----------------------------------------------------------------------------------------------------------------
-
-ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops")
-
-
-def _autocast_disabled(device_type: str):
-    """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
-    exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-row bucket values of a term of :func:`rpe_attention` (a query term is looked up with the keys)."""
-    return _per_row_table(term.weight, term.is_bias, k if term.is_query else q, scale)
-
-
-def _bias_rows(terms: Sequence[FusedTerm], tables: Sequence[torch.Tensor], i0: int, i1: int) -> torch.Tensor | None:
-    """Rows ``i0:i1`` of the additive logit bias of all terms, ``(b|1, H|1, i1 - i0, Lk)``, from the terms' per-row
-    tables (:func:`_term_table`); ``None`` without terms."""
-    bias = None
-    for term, table in zip(terms, tables):
-        if term.is_query:  # looked up with the keys: (b, H, Lk, rows), transposed onto the logits
-            part = rpe_index(table, term.index[:, i0:i1].contiguous()).transpose(2, 3)
-        else:
-            part = rpe_index(table[:, :, i0:i1], term.index[i0:i1])
-        bias = part if bias is None else bias + part
-    return bias
-
-
-def _fused_bias(terms: Sequence[FusedTerm], q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """The additive logit bias ``(b|1, H|1, L, L)`` of all terms for the batch slice ``q, k``."""
-    return _bias_rows(terms, [_term_table(term, q, k, scale) for term in terms], 0, q.size(2))
-
-
-# Work tensors of the sdpa path (a batch slice, or a block of its query rows, of the (B, H, L, L) logits) hold about
-# this many bytes: this bounds the memory of the temporaries (and keeps them closer to the caches) while keeping the
-# kernels large.
-_FUSED_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half types are recomputed in float32 (softmax and its backward are sensitive to rounding)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _chunk_bytes(device: torch.device) -> int:
-    return _FUSED_CHUNK_BYTES.get(device.type, 256 << 20)
-
-
-def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
-    B, H, L, _ = q.shape
-    if torch.compiler.is_compiling():
-        return [(0, B)]  # one slice: a loop over a symbolic batch would fix it to the traced size
-    per_sample = H * L * L * 4
-    step = max(1, _chunk_bytes(q.device) // max(per_sample, 1))
-    return [(start, min(start + step, B)) for start in range(0, B, step)]
-
-
-def _row_blocks(q: torch.Tensor, batch: int, num_keys: int) -> list[tuple[int, int]]:
-    """Blocks ``(i0, i1)`` of query rows whose ``(batch, H, i1 - i0, num_keys)`` work tensors fit the chunk size: all
-    rows at once unless a single sample's logits exceed it (large L)."""
-    H, L = q.size(1), q.size(2)
-    rows = max(1, _chunk_bytes(q.device) // max(batch * H * num_keys * 4, 1))
-    return [(start, min(start + rows, L)) for start in range(0, L, rows)]
-
-
-def _table_backward(
-    term: FusedTerm, grad_table: torch.Tensor, x: torch.Tensor, scale: float, grad_weight: torch.Tensor
-) -> torch.Tensor | None:
-    """Back through :func:`_term_table`: adds the weight's gradient to ``grad_weight`` and returns ``x``'s (``None``
-    for a bias term, whose table does not depend on ``x``).
-
-    Args:
-        grad_table: gradient of the term's table, ``(b, H, L, nb)`` (or anything that sums to the bias' shape).
-        x: the tensor the table was looked up with (``k`` for a query term, ``q`` otherwise), ``(b, H, L, d)``.
-    """
-    if term.is_bias:
-        Hm, nb = term.weight.shape
-        grad_weight += grad_table.sum_to_size(1, Hm, 1, nb).view(Hm, nb)
-        return None
-    dx = torch.matmul(grad_table, (term.weight * scale).transpose(-2, -1))  # (b, H, L, d)
-    grad_w = torch.matmul(x.transpose(-2, -1), grad_table).mul_(scale)  # (b, H, d, nb)
-    grad_weight += grad_w.sum(0).sum_to_size(term.weight.shape)
-    return dx
-
-
-def _values_term(value_terms: Sequence[FusedTerm], probs: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-    """``sum_u bucket_sum(P, index_u) @ W_u`` for rows ``i0:i1`` of the probabilities, ``probs (b, H, rows, Lk)``:
-    what the encodings on values add to the attention's output, ``(b, H, rows, d)``."""
-    out = None
-    for term in value_terms:
-        sums = rpe_bucket_sum(probs, term.index[i0:i1], term.weight.size(1))  # (b, H, rows, nb)
-        part = torch.matmul(sums, term.weight)  # (Hm, nb, d) -> (b, H, rows, d)
-        out = part if out is None else out.add_(part)
-    return out
-
-
-class _RPEBiasAttention(torch.autograd.Function):
-    """Attention with the iRPE terms, fused and memory-efficient: ``P @ v + sum_u bucket_sum(P, index_u) @ W_u`` with
-    ``P = softmax(q k^T * scale + bias)``, ``bias`` from the terms on queries and keys, ``W_u`` the encodings on values.
-
-    The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, batch slice
-    by batch slice, for ``P @ v``. With encodings on values it then recomputes ``P`` block by block of query rows
-    (softmax of complete rows, so each block is exact on its own) and adds its bucket sums times ``W_u``. Nothing
-    beyond ``q, k, v`` and the output is kept for backward: the backward recomputes the tables (``q @ W``, small),
-    the bias and the probabilities block by block (as flash attention does), and gives the encodings' gradients
-    through bucket sums of the logits' gradient (q/k terms) and of the probabilities (values terms). No
-    ``(B, H, L, L)`` tensor lives from forward to backward, and the temporaries of either pass are bounded by the
-    block size (``_FUSED_CHUNK_BYTES``; the forward's mask holds one batch slice).
-
-    This is plain PyTorch: its numbers are tested on CPU tensors, and on CUDA it serves ``impl='auto'``.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], num_values: int, *tensors):
-        n = len(kinds)
-        weights, indices = tensors[:n], tensors[n : 2 * n]
-        value_weights, value_indices = tensors[2 * n : 2 * n + num_values], tensors[2 * n + num_values :]
-        work = _work_dtype(q.dtype)
-        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(weights, indices, kinds)]
-        value_terms = [FusedTerm(w.to(work), i, False, False) for w, i in zip(value_weights, value_indices)]
-        outs = []
-        with _autocast_disabled(q.device.type), torch.no_grad():
-            for b0, b1 in _batch_chunks(q):
-                qc, kc = q[b0:b1], k[b0:b1]
-                qw, kw = qc.to(work), kc.to(work)
-                tables = [_term_table(term, qw, kw, scale) for term in terms]
-                bias = _bias_rows(terms, tables, 0, q.size(2))
-                mask = None if bias is None else bias.to(q.dtype)
-                out = nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=mask, scale=scale)
-                if value_terms:
-                    out = out.to(work)
-                    for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
-                        logits = torch.matmul(qw[:, :, i0:i1], kw.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
-                        if bias is not None:
-                            logits += bias[:, :, i0:i1]
-                        out[:, :, i0:i1] += _values_term(value_terms, torch.softmax(logits, dim=-1), i0, i1)
-                    out = out.to(q.dtype)
-                outs.append(out)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        ctx.save_for_backward(q, k, v, out, *tensors)
-        ctx.scale, ctx.kinds, ctx.num_values = scale, kinds, num_values
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, *saved = ctx.saved_tensors
-        n, nv = len(ctx.kinds), ctx.num_values
-        work = _work_dtype(q.dtype)
-        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n : 2 * n], ctx.kinds)]
-        value_terms = [
-            FusedTerm(w.to(work), i, False, False) for w, i in zip(saved[2 * n : 2 * n + nv], saved[2 * n + nv :])
-        ]
-        scale = ctx.scale
-        grads_qkv = []
-        grad_weights = [torch.zeros_like(term.weight) for term in terms]
-        grad_value_weights = [torch.zeros_like(term.weight) for term in value_terms]
-        with _autocast_disabled(q.device.type):
-            for b0, b1 in _batch_chunks(q):
-                qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
-                oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
-                tables = [_term_table(term, qc, kc, scale) for term in terms]  # (b|1, H|Hm, L, nb), small
-                dq = torch.empty_like(qc)
-                dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
-                query_grad_tables: dict[int, torch.Tensor] = {}  # query terms: summed over the row blocks
-                for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
-                    qb, gb = qc[:, :, i0:i1], gc[:, :, i0:i1]
-                    logits = torch.matmul(qb, kc.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
-                    bias = _bias_rows(terms, tables, i0, i1)
-                    probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
-                    del logits, bias
-                    # rowsum(P * dP) = dO . O, O including the values terms (their dP is dO . W_u[bucket])
-                    delta = (gb * oc[:, :, i0:i1]).sum(-1, keepdim=True)  # (b, H, rows, 1)
-                    grad_probs = torch.matmul(gb, vc.transpose(-2, -1))  # (b, H, rows, L)
-                    for term, grad_weight in zip(value_terms, grad_value_weights):
-                        index = term.index[i0:i1]
-                        grad_probs += rpe_index(torch.matmul(gb, term.weight.transpose(-2, -1)), index)
-                        sums = rpe_bucket_sum(probs, index, term.weight.size(1))  # (b, H, rows, nb)
-                        grad_weight += torch.matmul(sums.transpose(-2, -1), gb).sum(0).sum_to_size(grad_weight.shape)
-                    grad_logits = grad_probs.sub_(delta).mul_(probs)  # (b, H, rows, L)
-                    dv += torch.matmul(probs.transpose(-2, -1), gb)
-                    del probs
-                    dq[:, :, i0:i1] = torch.matmul(grad_logits, kc).mul_(scale)
-                    dk += torch.matmul(grad_logits.transpose(-2, -1), qb).mul_(scale)
-                    for t, (term, grad_weight) in enumerate(zip(terms, grad_weights)):
-                        nb = term.weight.size(-1)
-                        if term.is_query:  # the table's rows are the keys: its gradient sums over the row blocks
-                            g = grad_logits.transpose(2, 3)
-                            if term.is_bias:
-                                g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
-                            grad_table = rpe_bucket_sum(g, term.index[:, i0:i1].contiguous(), nb)  # (b|1, H|Hm, L, nb)
-                            if t in query_grad_tables:
-                                query_grad_tables[t] += grad_table
-                            else:
-                                query_grad_tables[t] = grad_table
-                            continue
-                        g = grad_logits
-                        if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
-                            g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
-                        grad_table = rpe_bucket_sum(g, term.index[i0:i1], nb)  # (b|1, H|Hm, rows, nb)
-                        dx = _table_backward(term, grad_table, qb, scale, grad_weight)
-                        if dx is not None:
-                            dq[:, :, i0:i1] += dx
-                for t, grad_table in query_grad_tables.items():
-                    dx = _table_backward(terms[t], grad_table, kc, scale, grad_weights[t])
-                    if dx is not None:
-                        dk += dx
-                grads_qkv.append((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)))
-        grad_q, grad_k, grad_v = grads_qkv[0] if len(grads_qkv) == 1 else (torch.cat(g) for g in zip(*grads_qkv))
-        grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
-        grad_value_weights = [g.to(w.dtype) for g, w in zip(grad_value_weights, saved[2 * n : 2 * n + nv])]
-        no_grads = [None] * n, [None] * nv
-        return grad_q, grad_k, grad_v, None, None, None, *grad_weights, *no_grads[0], *grad_value_weights, *no_grads[1]
-
-
-def _flex_attention_fn(device: torch.device):
-    """FlexAttention, compiled once per process on CUDA (it is only fast compiled); eager elsewhere."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - torch < 2.5
-        raise ValueError(f"attn_impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5): {err}") from None
-    if device.type != "cuda":
-        return flex_attention
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
-
-
-_compiled_flex = None
-
-
-def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
-    """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]``: no ``L x L`` bias ever exists."""
-    tables = [_term_table(term, q, k, scale) for term in terms]  # (B|1, H|1, L, nb), differentiable
-
-    def pick(table: torch.Tensor, b, h):
-        return table[b if table.size(0) > 1 else 0, h if table.size(1) > 1 else 0]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        for term, table in zip(terms, tables):
-            if term.is_query:
-                score = score + pick(table, b, h)[kv_idx, term.index[kv_idx, q_idx]]
-            else:
-                score = score + pick(table, b, h)[q_idx, term.index[q_idx, kv_idx]]
-        return score
-
-    return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
-
-
-def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
-    """Whether the fused CPU kernel of ``rpe_ops`` can run attention on ``device``, and why not."""
-    if device is not None and device.type != "cpu":
-        return False, f"it is a CPU kernel and the tensors are on {device}"
-    if _rpe_ops is None:
-        return False, f"the compiled rpe_ops are unavailable ({_rpe_ops_error}); {_BUILD_HINT}"
-    if not _rpe_ops.has_attention_kernel():
-        return False, f"the loaded rpe_ops predate the current attention kernel; rebuild them: {_BUILD_HINT}"
-    return True, ""
-
-
-def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None) -> str:
-    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'`` or ``'ops'``.
-
-    ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built and the
-    lookup backend is not forced to PyTorch (``IRPE_BACKEND=torch``), ``'sdpa'`` elsewhere (CUDA included). Both
-    serve encodings on values too, without keeping the probabilities: ``'ops'`` sums each block of probabilities
-    into the values' buckets inside the kernel, ``'sdpa'`` recomputes the probabilities block by block of query rows
-    for them. FlexAttention cannot give those sums, so ``'flex'`` with an encoding on values runs ``'sdpa'``.
-    Attention dropout needs its mask in backward: it runs the paper's explicit formulation (``'math'``) whatever was
-    asked.
-
-    Raises:
-        ValueError: for an unknown ``impl``, or ``'ops'`` where the kernel cannot run (with the reason).
-    """
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
-    if impl == "math" or dropout_p > 0:
-        return "math"
-    if impl == "ops":
-        usable, why = _ops_attention_usable(device)
-        if not usable:
-            raise ValueError(f"attn_impl='ops' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
-        return "ops"
-    if impl == "auto":
-        fused_cpu = device is not None and _backend != "torch" and _ops_attention_usable(device)[0]
-        return "ops" if fused_cpu else "sdpa"
-    if impl == "flex" and has_rpe_v:
-        return "sdpa"
-    return impl
-
-
-def _ops_rpe_attention(
-    q, k, v, scale: float, terms: Sequence[FusedTerm], value_terms: Sequence[FusedTerm] = ()
-) -> torch.Tensor:
-    """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights (values' included) and computes their
-    tables itself, one ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)``
-    log-sum-exps is kept for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32
-    (as PyTorch's CPU attention accumulates); autograd goes through the op's registered backward."""
-    dtype = q.dtype
-    work = _work_dtype(dtype)
-    with _autocast_disabled(q.device.type):
-        out, _ = _rpe_ops.rpe_attention(
-            q.to(work),
-            k.to(work),
-            v.to(work),
-            [term.weight.to(work) for term in terms],
-            [term.index for term in terms],
-            [term.is_query for term in terms],
-            scale,
-            [term.weight.to(work) for term in value_terms],
-            [term.index for term in value_terms],
-        )
-    return out.to(dtype)
-
-
-def rpe_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rpe_q: iRPE | iRPE_Cross | None = None,
-    rpe_k: iRPE | iRPE_Cross | None = None,
-    rpe_v: iRPE | iRPE_Cross | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    *,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Scaled dot-product attention with iRPE, in the order of the paper.
-
-    ``attn = (q * scale) @ k^T + rpe_k(q * scale) + rpe_q(k * scale)^T``, softmax, dropout, ``out = attn @ v +
-    rpe_v(attn)``. Every implementation computes the same function (up to float rounding); see
-    :func:`resolve_attn_impl` for which one runs.
-
-    Args:
-        q, k, v: ``(B, H, L, head_dim)``, not scaled.
-        rpe_q, rpe_k, rpe_v: the modules from :func:`build_rpe` (``None`` where unused).
-        height, width: the patch grid; ``L - height * width`` leading tokens are the configured skip tokens.
-        scale: logit scale, ``head_dim ** -0.5`` by default.
-        dropout_p: attention dropout probability (pass 0 in eval mode).
-        impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward;
-            values terms from probabilities recomputed block by block), ``'flex'`` (FlexAttention with a
-            ``score_mod``; compiled on CUDA; with an encoding on values it runs ``'sdpa'``) or ``'ops'`` (the fused
-            CPU kernel of ``rpe_ops``, values terms included).
-
-    Returns:
-        ``(B, H, L, head_dim)``.
-    """
-    scale = q.size(-1) ** -0.5 if scale is None else scale
-    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device)
-    if path == "math":
-        q = q * scale
-        attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, L)
-        if rpe_k is not None:
-            attn = attn + rpe_k(q, height, width)
-        if rpe_q is not None:
-            attn = attn + rpe_q(k * scale, height, width).transpose(2, 3)
-        attn = nn.functional.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
-        out = torch.matmul(attn, v)
-        if rpe_v is not None:
-            out = out + rpe_v(attn, height, width)
-        return out
-    if rpe_q is None and rpe_k is None and rpe_v is None:
-        return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-    terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
-    if rpe_q is not None:
-        terms += rpe_q.fused_terms(k, height, width, is_query=True)
-    value_terms = rpe_v.fused_terms(q, height, width) if rpe_v is not None else []
-    if path == "flex":
-        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise ValueError(
-                "attn_impl='flex': FlexAttention has no backward on CPU in PyTorch; train with attn_impl='sdpa' "
-                "(or 'auto') on CPU, or run flex on CUDA"
-            )
-        return _flex_rpe_attention(q, k, v, scale, terms)
-    if path == "ops":
-        return _ops_rpe_attention(q, k, v, scale, terms, value_terms)
-    kinds = tuple((term.is_bias, term.is_query) for term in terms)
-    weights, indices = [term.weight for term in terms], [term.index for term in terms]
-    value_weights, value_indices = [term.weight for term in value_terms], [term.index for term in value_terms]
-    return _RPEBiasAttention.apply(
-        q, k, v, scale, kinds, len(value_terms), *weights, *indices, *value_weights, *value_indices
-    )
-
-
 if __name__ == "__main__":
     print(backend_report())
-    if _backend == "ops" and _rpe_ops is None:  # forced but unusable: a script checking the set-up must see it fail
-        raise SystemExit(f"error: IRPE_BACKEND=ops but the compiled rpe_ops are unavailable; {_BUILD_HINT}")
+    if ENV_BACKEND == "ops" and _rpe_ops is None:  # forced but unusable: a script checking the set-up must see it fail
+        raise SystemExit(f"error: IRPE_BACKEND=ops but the compiled rpe_ops are unavailable; {BUILD_HINT}")

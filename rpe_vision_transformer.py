@@ -43,7 +43,8 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from torch import nn
 
 import irpe
-from irpe import rpe_attention
+import irpe_attention
+from irpe_attention import rpe_attention
 
 __all__ = [
     "ATTN_IMPLS",
@@ -55,11 +56,11 @@ __all__ = [
 ]
 
 AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops"]
-# Attention implementations RPEAttention can run (see irpe.resolve_attn_impl): 'math' materialises the (B, H, L, L)
-# probabilities; 'sdpa' runs the fused kernel with the iRPE bias and keeps nothing L x L for backward; 'flex' adds
-# the bias inside FlexAttention; 'ops' is the fused CPU kernel of rpe_ops. 'auto' takes 'ops' on CPU where rpe_ops is
-# built, else 'sdpa'; iRPE on values or attention dropout always run 'math'.
-ATTN_IMPLS: tuple[str, ...] = irpe.ATTN_IMPLS
+# Attention implementations RPEAttention can run (see irpe_attention.resolve_attn_impl): 'math' materialises the
+# (B, H, L, L) probabilities; 'sdpa' runs PyTorch's fused attention with the iRPE bias and keeps nothing L x L for
+# backward; 'flex' adds the bias inside FlexAttention (no values); 'ops' is the fused CPU kernel of rpe_ops. 'auto'
+# takes 'ops' on CPU where rpe_ops is built, else 'sdpa', and 'math' in training with attention dropout.
+ATTN_IMPLS: tuple[str, ...] = irpe_attention.ATTN_IMPLS
 
 
 def _require(cond: bool | torch.SymBool, message: str) -> None:
@@ -91,8 +92,8 @@ def image_patch_grid(x: torch.Tensor, patch_size: tuple[int, int]) -> tuple[int,
     return img_h // ph, img_w // pw
 
 
-# irpe.rpe_attention is a leaf of torch.fx tracing: its modules compute bucket ids in Python from the grid, which
-# symbolic tracing only knows as a proxy.
+# irpe_attention.rpe_attention is a leaf of torch.fx tracing: its modules compute bucket ids in Python from the grid,
+# which symbolic tracing only knows as a proxy.
 torch.fx.wrap("rpe_attention")
 # timm's resampling branches on sizes: a leaf, so that a dynamic_img_size model traces.
 torch.fx.wrap("resample_abs_pos_embed")
@@ -114,7 +115,7 @@ class RPEAttention(Attention):
         attn_drop: dropout on the attention probabilities.
         proj_drop: dropout after the output projection.
         rpe_config: from :func:`irpe.get_rpe_config`; ``None`` gives plain attention.
-        attn_impl: attention implementation, one of :data:`ATTN_IMPLS` (see :func:`irpe.rpe_attention`).
+        attn_impl: attention implementation, one of :data:`ATTN_IMPLS` (see :func:`irpe_attention.rpe_attention`).
         **kwargs: the other arguments of ``timm.layers.Attention`` (``qk_norm``, ``proj_bias``, ``norm_layer``,
             ``device``, ``dtype``, ...).
     """
@@ -148,10 +149,12 @@ class RPEAttention(Attention):
         """
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"unknown attn_impl={attn_impl!r}; choose one of {ATTN_IMPLS}")
+        modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=self.num_heads)
+        if attn_impl not in ("auto", "math") and _uses_rpe(rpe_config):  # fails here rather than at the first step
+            irpe_attention.resolve_attn_impl(attn_impl, modules[2] is not None, self.attn_drop.p, device=None)
         self.attn_impl = attn_impl
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         weight = self.qkv.weight
-        modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=self.num_heads)
         self.rpe_q, self.rpe_k, self.rpe_v = (
             m if m is None else m.to(device=weight.device, dtype=weight.dtype) for m in modules
         )

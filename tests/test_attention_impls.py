@@ -7,10 +7,11 @@ import timm
 import torch
 
 import irpe
+import irpe_attention
 import rpe_models  # noqa: F401  (registers the models)
 import rpe_vision_transformer as rvt
 
-OPS_KERNEL = irpe._ops_attention_usable(torch.device("cpu"))[0]
+OPS_KERNEL = irpe_attention._ops_attention_usable(torch.device("cpu"))[0]
 SMALL = dict(img_size=32, depth=2, num_classes=5)
 
 
@@ -67,9 +68,20 @@ def test_flex_model_forward_matches_math_on_cpu():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_attention_dropout_uses_math_and_unknown_impl_is_an_error():
+def test_attention_dropout_and_explicit_paths_and_unknown_impl():
+    # without iRPE, every path is PyTorch's fused attention, dropout included
     attn = rvt.RPEAttention(16, num_heads=2, attn_drop=0.1, attn_impl="sdpa")
     assert attn.attn_impl == "sdpa"
+    attn.train()(torch.randn(2, 5, 16)).sum().backward()
+    # with iRPE, an explicit fused path cannot apply dropout, and flex cannot encode values: errors at build time
+    config = irpe.get_rpe_config(1.9, "product", "ctx", skip=1, rpe_on="qkv")
+    with pytest.raises(ValueError, match=r"attn_impl='sdpa' cannot apply attention dropout \(dropout_p=0.1\)"):
+        rvt.RPEAttention(16, num_heads=2, attn_drop=0.1, attn_impl="sdpa", rpe_config=config)
+    with pytest.raises(ValueError, match=r"attn_impl='flex' cannot encode values"):
+        rvt.RPEAttention(16, num_heads=2, attn_impl="flex", rpe_config=config)
+    # auto with dropout trains on the explicit formulation
+    attn = rvt.RPEAttention(16, num_heads=2, attn_drop=0.1, rpe_config=config).train()
+    attn(torch.randn(2, 10, 16), height=3, width=3).sum().backward()
     with pytest.raises(ValueError, match="unknown attn_impl='fused'"):
         rvt.RPEAttention(16, num_heads=2, attn_impl="fused")
     assert rvt.ATTN_IMPLS == ("auto", "math", "sdpa", "flex", "ops")

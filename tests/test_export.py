@@ -3,7 +3,6 @@ loaded) on every attention path, and ONNX through the dynamo exporter, each chec
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from torch.export import Dim
 
 import irpe
+import irpe_attention
 import rpe_models  # noqa: F401  (registers the models)
 
 NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
@@ -22,7 +22,7 @@ SHAPES = [(2, 3, 32, 48), (3, 3, 64, 32), (1, 3, 32, 32)]  # batch and patch gri
 
 def _ops_usable() -> bool:
     try:
-        irpe.resolve_attn_impl("ops", has_rpe_v=False, dropout_p=0.0, device=torch.device("cpu"))
+        irpe_attention.resolve_attn_impl("ops", has_rpe_v=False, dropout_p=0.0, device=torch.device("cpu"))
     except ValueError:
         return False
     return True
@@ -57,15 +57,6 @@ def _dynamic_shapes(patch: int = 16) -> dict[str, dict[int, Dim]]:
             3: patch * Dim("grid_w", min=2, max=32),
         }
     }
-
-
-@contextlib.contextmanager
-def _lookup_backend(name: str) -> Iterator[None]:
-    previous = irpe.set_backend(name)
-    try:
-        yield
-    finally:
-        irpe.set_backend(previous)
 
 
 @pytest.mark.parametrize("attn_impl", IMPLS)
@@ -140,7 +131,7 @@ def test_onnx_dynamo_export(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _fresh(attn_impl="math", depth=1)
     path = tmp_path / "model.onnx"
-    with _lookup_backend("torch"):
+    with irpe.use_backend("torch"):
         example = (torch.randn(2, 3, 32, 48),)
         # optimize=False: the graph as exported (the optimiser only folds it; 5 s less on 2 cores)
         torch.onnx.export(model, example, path, dynamo=True, dynamic_shapes=_dynamic_shapes(), optimize=False)

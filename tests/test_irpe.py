@@ -18,7 +18,7 @@ from irpe import METHOD
 DATA = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-OPS = irpe._ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
+OPS = irpe.ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
 
 needs_ops = pytest.mark.skipif(not OPS, reason="rpe_ops is not built (make ops)")
 
@@ -36,9 +36,8 @@ def backend(request):
     name = request.param
     if name == "ops" and not OPS:
         pytest.skip("rpe_ops is not built")
-    previous = irpe.set_backend(name)
-    yield name
-    irpe.set_backend(previous)
+    with irpe.use_backend(name):
+        yield name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,12 +319,8 @@ def test_backends_agree(dtype, rpe_on, mode, method):
     x = torch.randn(2, 3, L, L if rpe_on == "v" else 8, dtype=dtype, requires_grad=True)
     results = []
     for name in ("torch", "ops"):
-        previous = irpe.set_backend(name)
-        try:
-            out = module(x, height=5, width=4)
-            grads = torch.autograd.grad((out * out.detach().sin()).sum(), [x, *module.parameters()], allow_unused=True)
-        finally:
-            irpe.set_backend(previous)
+        out = module(x, height=5, width=4, backend=name)
+        grads = torch.autograd.grad((out * out.detach().sin()).sum(), [x, *module.parameters()], allow_unused=True)
         results.append((out, grads))
     (out_t, grads_t), (out_o, grads_o) = results
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -360,6 +355,22 @@ def test_bias_mode_has_batch_dim_one_and_gradients(backend):
     out.sum().backward()
     counts = torch.bincount(rpe_k.get_bucket_ids(3, 3, 1, torch.device("cpu")).flatten(), minlength=rpe_k.num_buckets)
     torch.testing.assert_close(rpe_k.lookup_table_bias.grad[0], counts.float())
+
+
+@pytest.mark.parametrize("backend", ["torch", "ops"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_bucket_sum_accumulates_half_types_in_float32(backend, dtype, device):
+    # 1000 ones into one bucket: accumulating in bfloat16 (as CUDA's scatter_add atomics would) stalls at 256.
+    # Both backends accumulate in float32 and round once.
+    values = torch.ones(1, 1, 1, 1000, dtype=dtype, device=device)
+    index = torch.zeros(1, 1000, dtype=torch.long, device=device)
+    sums = irpe.rpe_bucket_sum(values, index, 2)
+    assert sums.dtype == dtype
+    assert sums[0, 0, 0].tolist() == [1000.0, 0.0]
+    values = torch.full((1, 1, 1, 3000), 1.0 + 2**-7, dtype=dtype, device=device)  # exact in both half types
+    expected = torch.tensor(3000 * (1.0 + 2**-7)).to(dtype)
+    assert irpe.rpe_bucket_sum(values, index.new_zeros(1, 3000), 1).item() == expected.item()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -554,7 +565,9 @@ def test_module_and_function_errors():
     with pytest.raises(ValueError, match="values have Lk=5 columns but the index has 4"):
         irpe.rpe_bucket_sum(values, index[:, :4], 4)
     with pytest.raises(ValueError, match="unknown iRPE backend 'fast'"):
-        irpe.set_backend("fast")
+        irpe.rpe_index(table, index, backend="fast")
+    with pytest.raises(ValueError, match="unknown iRPE backend 'fast'"), irpe.use_backend("fast"):
+        pass
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -565,8 +578,12 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_backend_environment_variable():
-    result = _run_python("import irpe; print(irpe.get_backend())", IRPE_BACKEND="torch")
+    result = _run_python("import irpe; print(irpe.default_backend())", IRPE_BACKEND="torch")
     assert result.returncode == 0 and result.stdout.strip() == "torch"
+    code = "import irpe\nwith irpe.use_backend('auto'):\n    print(irpe.default_backend())\n"
+    code += "print(irpe.default_backend())"
+    result = _run_python(code, IRPE_BACKEND="torch")
+    assert result.returncode == 0 and result.stdout.split() == ["auto", "torch"]
     result = _run_python("import irpe", IRPE_BACKEND="fastest")
     assert result.returncode != 0 and "unknown iRPE backend 'fastest'" in result.stderr
     code = (
@@ -588,327 +605,3 @@ def test_python_m_irpe_reports_the_backend():
     cpu = next(line for line in lines if line.strip().startswith("cpu"))
     assert ("rpe_ops (compiled CPU kernels)" in cpu) == OPS
     assert any(line.strip().startswith("cuda") for line in lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rpe_attention: every implementation computes the paper's attention
-# ---------------------------------------------------------------------------------------------------------------
-
-ATTENTION_CONFIGS = [
-    dict(method="product", skip=1, rpe_on="k"),
-    dict(method="product", skip=0, rpe_on="q"),
-    dict(method="cross", skip=1, rpe_on="qk", shared_head=False),
-    dict(method="euc", mode="bias", skip=0, rpe_on="qk", shared_head=False),
-    dict(method="quant", mode="bias", skip=2, rpe_on="k"),
-    dict(method="product", skip=1, rpe_on="qkv"),
-    dict(method="product", skip=1, rpe_on=""),
-]
-
-
-def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4, width=3, seed=0, values_args=None):
-    """q, k, v and the encodings of ``config_args``; ``values_args`` (a config with ``rpe_on='v'``) replaces the
-    encoding on values, e.g. a contextual one beside bias encodings on queries and keys (bias has none on values)."""
-    torch.manual_seed(seed)
-    modules = irpe.build_rpe(irpe.get_rpe_config(**config_args), d, H)
-    if values_args is not None:
-        modules[2] = irpe.build_rpe(irpe.get_rpe_config(**values_args), d, H)[2]
-    for module in modules:
-        if module is not None:
-            module.to(device=device, dtype=dtype)
-            for p in module.parameters():
-                nn.init.normal_(p)
-    L = config_args.get("skip", 0) + height * width
-    qkv = [torch.randn(B, H, L, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
-    return qkv, modules, (height, width)
-
-
-def _attention_and_grads(impl, qkv, modules, grid):
-    out = irpe.rpe_attention(*qkv, *modules, *grid, impl=impl)
-    params = [p for m in modules if m is not None for p in m.parameters()]
-    # randn of the shape, not normal_() of an empty_like: the paths return different memory layouts
-    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(3), device=out.device)
-    grads = torch.autograd.grad(out, [*qkv, *params], grad_out.to(out.dtype))
-    return out, grads
-
-
-def _assert_path_matches_math(impl, qkv, modules, grid, tol):
-    """``impl``'s output and gradients (inputs and encodings) equal the explicit formulation's, at ``tol``."""
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads(impl, qkv, modules, grid)
-    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
-
-
-needs_ops_kernel = pytest.mark.skipif(not OPS, reason="the compiled rpe_ops are not built")
-FUSED_CPU_IMPLS = ["sdpa", pytest.param("ops", marks=needs_ops_kernel)]
-
-
-@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize(
-    "config_args", ATTENTION_CONFIGS, ids=lambda c: f"{c['method']}-{c.get('mode', 'ctx')}-{c['rpe_on']}"
-)
-def test_fused_cpu_paths_match_math(config_args, dtype, impl):
-    qkv, modules, grid = _attention_inputs(config_args, dtype)
-    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10 if dtype == torch.float64 else 1e-5)
-
-
-@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_cpu_paths_half_precision(dtype, impl):
-    args = dict(method="product", skip=1, rpe_on="qk")
-    qkv, modules, grid = _attention_inputs(args, torch.float32)
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    half_qkv = [t.detach().to(dtype).requires_grad_() for t in qkv]
-    for m in modules:
-        if m is not None:
-            m.to(dtype)
-    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
-
-
-@pytest.mark.parametrize("config_args", ATTENTION_CONFIGS[:5], ids=lambda c: f"{c['method']}-{c['rpe_on']}")
-def test_flex_path_forward_matches_math_on_cpu(config_args):
-    # FlexAttention has no CPU backward; its gradients are checked by the CUDA test below.
-    qkv, modules, grid = _attention_inputs(config_args, torch.float32)
-    with pytest.raises(ValueError, match="FlexAttention has no backward on CPU"):
-        irpe.rpe_attention(*qkv, *modules, *grid, impl="flex")
-    qkv = [t.detach() for t in qkv]
-    with torch.no_grad():
-        ref = irpe.rpe_attention(*qkv, *modules, *grid, impl="math")
-        out = irpe.rpe_attention(*qkv, *modules, *grid, impl="flex")
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["sdpa", "flex"])
-@pytest.mark.parametrize("config_args", ATTENTION_CONFIGS[:5], ids=lambda c: f"{c['method']}-{c['rpe_on']}")
-def test_fused_paths_match_math_on_cuda(config_args, impl):
-    qkv, modules, grid = _attention_inputs(config_args, torch.float32, device="cuda", B=2, H=2, d=16, height=7, width=5)
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    out, grads = _attention_and_grads(impl, qkv, modules, grid)
-    torch.testing.assert_close(out, ref_out, rtol=2e-4, atol=2e-4)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=2e-4, atol=2e-4 * max(ref.abs().max().item(), 1.0))
-
-
-def test_attention_impl_resolution(monkeypatch):
-    assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.0) == "sdpa"  # no device given
-    cpu, meta, cuda = torch.device("cpu"), torch.device("meta"), torch.device("cuda")
-    # auto: the fused CPU kernel where it is built, PyTorch's fused attention elsewhere; with values too
-    for has_rpe_v in (False, True):
-        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, cpu) == ("ops" if OPS else "sdpa")
-        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, meta) == "sdpa"
-        assert irpe.resolve_attn_impl("auto", has_rpe_v, 0.0, cuda) == "sdpa"
-        assert irpe.resolve_attn_impl("sdpa", has_rpe_v, 0.0, cpu) == "sdpa"
-        with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on"):
-            irpe.resolve_attn_impl("ops", has_rpe_v, 0.0, meta)
-    # FlexAttention cannot give the probabilities' bucket sums: with values it runs the sdpa path
-    assert irpe.resolve_attn_impl("flex", has_rpe_v=True, dropout_p=0.0) == "sdpa"
-    monkeypatch.setattr(irpe, "_backend", "torch")  # IRPE_BACKEND=torch: no compiled code on any path
-    assert irpe.resolve_attn_impl("auto", False, 0.0, cpu) == "sdpa"
-    assert irpe.resolve_attn_impl("auto", True, 0.0, cpu) == "sdpa"
-    assert irpe.resolve_attn_impl("flex", has_rpe_v=False, dropout_p=0.0) == "flex"
-    # Dropout needs its mask: the explicit formulation serves it, with or without values.
-    assert irpe.resolve_attn_impl("auto", has_rpe_v=False, dropout_p=0.1) == "math"
-    assert irpe.resolve_attn_impl("ops", has_rpe_v=True, dropout_p=0.1, device=meta) == "math"
-    with pytest.raises(ValueError, match=r"unknown attention implementation 'fast'; expected one of \('auto'"):
-        irpe.resolve_attn_impl("fast", False, 0.0)
-
-
-@pytest.mark.parametrize("rpe_on", ["k", "qkv", "v"])
-def test_fused_paths_keep_no_square_tensor_for_backward(rpe_on):
-    # What autograd saves between forward and backward: the math path keeps (B, H, L, L) probabilities and more,
-    # the fused paths only q, k, v, the output (and the ops kernel the rows' log-sum-exp) and the weights, with
-    # encodings on values too.
-    args = dict(method="product", skip=1, rpe_on=rpe_on)
-    qkv, modules, grid = _attention_inputs(args, torch.float32, height=9, width=9)
-    L = qkv[0].size(2)
-    for impl, expect_square in (("math", True), ("sdpa", False)) + ((("ops", False),) if OPS else ()):
-        shapes = []
-
-        def pack(t, shapes=shapes):
-            shapes.append(tuple(t.shape))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            irpe.rpe_attention(*qkv, *modules, *grid, impl=impl)
-        has_square = any(len(s) == 4 and s[-2:] == (L, L) for s in shapes)
-        assert has_square == expect_square, (impl, shapes)
-
-
-@pytest.mark.parametrize("rpe_on", ["qk", "qkv"])
-@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
-def test_compile_fullgraph_through_fused_attention(impl, rpe_on):
-    torch._dynamo.reset()
-    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on=rpe_on), torch.float32)
-
-    def step(q, k, v):
-        return irpe.rpe_attention(q, k, v, *modules, *grid, impl=impl)
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    out = compiled(*qkv)
-    torch.testing.assert_close(out, step(*qkv))
-    grads = torch.autograd.grad(out.square().sum(), qkv)
-    ref = torch.autograd.grad(step(*qkv).square().sum(), qkv)
-    for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r)
-
-
-@pytest.mark.parametrize("backend", ["torch", "ops"], indirect=True)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_bucket_sum_accumulates_half_types_in_float32(backend, dtype, device):
-    # 1000 ones into one bucket: accumulating in bfloat16 (as CUDA's scatter_add atomics would) stalls at 256.
-    # Both backends accumulate in float32 and round once.
-    values = torch.ones(1, 1, 1, 1000, dtype=dtype, device=device)
-    index = torch.zeros(1, 1000, dtype=torch.long, device=device)
-    sums = irpe.rpe_bucket_sum(values, index, 2)
-    assert sums.dtype == dtype
-    assert sums[0, 0, 0].tolist() == [1000.0, 0.0]
-    values = torch.full((1, 1, 1, 3000), 1.0 + 2**-7, dtype=dtype, device=device)  # exact in both half types
-    expected = torch.tensor(3000 * (1.0 + 2**-7)).to(dtype)
-    assert irpe.rpe_bucket_sum(values, index.new_zeros(1, 3000), 1).item() == expected.item()
-
-
-@pytest.mark.parametrize("chunk_bytes", [1, 3 * 12 * 12 * 4 * 2])  # one sample per slice; two samples per slice
-def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
-    monkeypatch.setitem(irpe._FUSED_CHUNK_BYTES, "cpu", chunk_bytes)
-    args = dict(method="cross", skip=0, rpe_on="qk", shared_head=False)
-    qkv, modules, grid = _attention_inputs(args, torch.float64, B=5, height=4, width=3)
-    assert len(irpe._batch_chunks(qkv[0])) == (5 if chunk_bytes == 1 else 3)
-    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
-
-
-# Encodings on values on the fused paths: every method, contextual (alone or beside bias encodings on queries and
-# keys, bias having no values mode), shared and per head, skip tokens, square and non-square grids.
-VALUES_CASES = [
-    (dict(method="product", skip=1, rpe_on="v"), None, (4, 3)),
-    (dict(method="product", skip=1, rpe_on="kv", shared_head=False), None, (3, 5)),
-    (dict(method="product", skip=1, rpe_on="qkv"), None, (4, 4)),
-    (dict(method="euc", skip=0, rpe_on="qkv", shared_head=False), None, (4, 3)),
-    (dict(method="quant", skip=2, rpe_on="kv"), None, (2, 5)),
-    (dict(method="cross", skip=1, rpe_on="qkv"), None, (4, 3)),
-    (dict(method="cross", skip=0, rpe_on="v", shared_head=False), None, (3, 3)),
-    (dict(method="euc", mode="bias", skip=1, rpe_on="qk"), dict(method="euc", skip=1, rpe_on="v"), (4, 3)),
-    (
-        dict(method="cross", mode="bias", skip=0, rpe_on="k", shared_head=False),
-        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
-        (3, 4),
-    ),
-    (
-        dict(method="quant", mode="bias", skip=2, rpe_on="qk"),
-        dict(method="quant", skip=2, rpe_on="v", shared_head=False),
-        (3, 2),
-    ),
-    (dict(method="product", mode="bias", skip=1, rpe_on="q"), dict(method="product", skip=1, rpe_on="v"), (5, 3)),
-]
-
-
-def _values_case_id(case) -> str:
-    args, values_args, (height, width) = case
-    mode = args.get("mode", "ctx") + ("+ctx-v" if values_args else "")
-    heads = "shared" if args.get("shared_head", True) else "per-head"
-    return f"{args['method']}-{mode}-{args['rpe_on']}-{heads}-skip{args['skip']}-{height}x{width}"
-
-
-VALUES_IMPLS = [
-    pytest.param("sdpa", "cpu", id="sdpa-cpu"),
-    pytest.param("ops", "cpu", marks=needs_ops_kernel, id="ops-cpu"),
-    pytest.param("sdpa", "cuda", marks=pytest.mark.cuda, id="sdpa-cuda"),
-    pytest.param("auto", "cuda", marks=pytest.mark.cuda, id="auto-cuda"),
-]
-
-
-@pytest.mark.parametrize("impl, device", VALUES_IMPLS)
-@pytest.mark.parametrize("case", VALUES_CASES, ids=_values_case_id)
-def test_fused_values_paths_match_math(case, impl, device):
-    # float64 on either device: the paths differ from the explicit formulation only in rounding.
-    args, values_args, (height, width) = case
-    qkv, modules, grid = _attention_inputs(
-        args, torch.float64, device=device, height=height, width=width, values_args=values_args
-    )
-    assert modules[2] is not None
-    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize(
-    "chunk_bytes, blocks",
-    [(2 * 3 * 17 * 17 * 4, 1), (5 * 3 * 17 * 4, 4), (16 * 3 * 17 * 4, 2), (1, 17)],
-    ids=["2-samples-all-rows", "1-sample-5-rows", "1-sample-16-rows", "1-row"],
-)
-def test_sdpa_values_path_row_blocks_match_math(monkeypatch, device, chunk_bytes, blocks):
-    # L = 17 (class token + 4x4 grid), H = 3; the chunk size counts float32 bytes of (b, H, rows, L) work tensors:
-    # slices of 2 samples take all rows, single samples blocks of 5 or 16 rows (a short last block) or of one row.
-    monkeypatch.setitem(irpe._FUSED_CHUNK_BYTES, device, chunk_bytes)
-    qkv, modules, grid = _attention_inputs(
-        dict(method="product", skip=1, rpe_on="qkv", shared_head=False),
-        torch.float64,
-        device=device,
-        B=3,
-        height=4,
-        width=4,
-    )
-    q = qkv[0]
-    b0, b1 = irpe._batch_chunks(q)[0]
-    assert len(irpe._row_blocks(q, b1 - b0, q.size(2))) == blocks
-    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
-
-
-@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
-def test_fused_values_paths_half_precision(impl):
-    # bfloat16 through the values paths: computed in float32 (the kernel) or recomputed in float32 (sdpa's blocks).
-    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="qkv"), torch.float32)
-    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
-    half_qkv = [t.detach().to(torch.bfloat16).requires_grad_() for t in qkv]
-    for m in modules:
-        m.to(torch.bfloat16)
-    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
-    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
-    torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
-
-
-@needs_ops_kernel
-@pytest.mark.parametrize(
-    "config_args",
-    [
-        dict(method="product", skip=1, rpe_on="qk"),
-        dict(method="cross", mode="bias", skip=0, rpe_on="qk"),
-        dict(method="product", skip=1, rpe_on="qkv"),
-        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
-    ],
-    ids=["product-ctx-qk", "cross-bias-qk", "product-ctx-qkv", "cross-ctx-v"],
-)
-def test_ops_kernel_row_blocks_match_math(config_args):
-    # L = 290: the kernel's blocks of query rows (65536 logits) split every (b, h) into two, the last one short.
-    qkv, modules, grid = _attention_inputs(config_args, torch.float64, B=1, H=2, d=4, height=17, width=17)
-    assert qkv[0].size(2) ** 2 > 65536
-    _assert_path_matches_math("ops", qkv, modules, grid, tol=1e-10)
-
-
-@needs_ops_kernel
-def test_ops_kernel_float32_softmax_handles_large_logits():
-    # Logits ~1e3 apart: the kernel's exp must subtract the row maximum and flush far-away keys to ~0. The softmax
-    # saturates, so float32 gradients lose digits on any path: the kernel must be as close to float64 as math is.
-    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="k"), torch.float32)
-    qkv = [(t * 30).detach().requires_grad_() for t in qkv]
-    exact_out, exact_grads = _attention_and_grads(
-        "math", [t.double() for t in qkv], [m.double() if m else m for m in modules], grid
-    )
-    for m in modules:
-        if m is not None:
-            m.float()
-    results = {impl: _attention_and_grads(impl, qkv, modules, grid) for impl in ("math", "ops")}
-    out, grads = results["ops"]
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-4)
-    for i, exact in enumerate(exact_grads):
-        err = {impl: (res[1][i].double() - exact).abs().max().item() for impl, res in results.items()}
-        assert err["ops"] <= 4 * err["math"] + 1e-6 * exact.abs().max().item(), (i, err)

@@ -541,10 +541,10 @@ def test_stale_attention_schema_is_not_used(monkeypatch) -> None:
     assert rpe_ops._current_attention_schema()
     monkeypatch.setattr(rpe_ops, "_ATTENTION_SCHEMA", ("q", "k", "v", "weights", "indices", "transposed", "scale"))
     assert not rpe_ops._current_attention_schema()
-    import irpe  # noqa: PLC0415
+    import irpe_attention  # noqa: PLC0415
 
     monkeypatch.setattr(rpe_ops, "_attention_kernel", False)
-    usable, why = irpe._ops_attention_usable(torch.device("cpu"))
+    usable, why = irpe_attention._ops_attention_usable(torch.device("cpu"))
     assert not usable and "rebuild" in why
 
 

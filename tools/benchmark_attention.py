@@ -7,8 +7,8 @@ one ``(B, L, 3, H, d)`` tensor, as the models make them) for
 - ``plain``: ``F.scaled_dot_product_attention`` without RPE (the baseline every ratio is taken against);
 - ``kernel-no-terms`` (CPU, when ``rpe_ops`` is built): the fused ``rpe_ops`` kernel with no RPE term, i.e. the
   kernel's own attention against PyTorch's flash attention;
-- each ``--impls`` path of ``irpe.rpe_attention`` with the encodings of ``--rpe-on`` (product method, 50 buckets,
-  contextual, shared heads: the zoo's iRPE-S setting).
+- each ``--impls`` path of ``irpe_attention.rpe_attention`` with the encodings of ``--rpe-on`` (product method, 50
+  buckets, contextual, shared heads: the zoo's iRPE-S setting).
 
 Variants run interleaved within every repetition; each ratio is the median of per-repetition ratios to ``plain``.
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import irpe  # noqa: E402
+import irpe_attention  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -61,7 +62,7 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> tuple[dict
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, d), strided
 
     variants: dict[str, Callable] = {"plain": lambda: F.scaled_dot_product_attention(*views())}
-    ops = irpe._rpe_ops
+    ops = irpe.compiled_ops()[0]
     if (
         device.type == "cpu"
         and ops is not None
@@ -70,7 +71,9 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> tuple[dict
     ):
         variants["kernel-no-terms"] = lambda: ops.rpe_attention(*views(), [], [], [], d**-0.5)[0]
     for impl in args.impls:
-        variants[impl] = lambda impl=impl: irpe.rpe_attention(*views(), rpe_q, rpe_k, rpe_v, grid, grid, impl=impl)
+        variants[impl] = lambda impl=impl: irpe_attention.rpe_attention(
+            *views(), rpe_q, rpe_k, rpe_v, grid, grid, impl=impl
+        )
     return variants, qkv
 
 
@@ -121,7 +124,7 @@ def format_table(rows: list[dict]) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impls", nargs="+", default=["ops", "sdpa", "math"], help="irpe.rpe_attention paths")
+    parser.add_argument("--impls", nargs="+", default=["ops", "sdpa", "math"], help="rpe_attention paths")
     parser.add_argument("--rpe-on", default="k", choices=["k", "q", "qk", "v", "qkv"], help="where the encodings go")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])

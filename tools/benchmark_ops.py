@@ -80,22 +80,14 @@ def bucket_ids(device: torch.device) -> tuple[Tensor, int]:
 
 def torch_index(table: Tensor, index: Tensor) -> Tensor:
     if irpe is not None:
-        previous = irpe.set_backend("torch")
-        try:
-            return irpe.rpe_index(table, index)
-        finally:
-            irpe.set_backend(previous)
+        return irpe.rpe_index(table, index, backend="torch")
     B, H, Lq, _ = table.shape
     return torch.gather(table, 3, index.long().expand(B, H, Lq, index.size(1)))
 
 
 def torch_bucket_sum(values: Tensor, index: Tensor, num_buckets: int) -> Tensor:
     if irpe is not None:
-        previous = irpe.set_backend("torch")
-        try:
-            return irpe.rpe_bucket_sum(values, index, num_buckets)
-        finally:
-            irpe.set_backend(previous)
+        return irpe.rpe_bucket_sum(values, index, num_buckets, backend="torch")
     B, H, Lq, Lk = values.shape
     return values.new_zeros(B, H, Lq, num_buckets).scatter_add_(3, index.long().expand(B, H, Lq, Lk), values)
 

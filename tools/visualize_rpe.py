@@ -14,7 +14,7 @@ Every picture is a small pure function (``plot_bucket_maps``, ``plot_encodings``
 takes a model or a configuration and returns a :class:`Picture` holding the figure and the arrays it drew, so
 that tests compare them with the iRPE modules. The tables and ids always come from the model's own iRPE modules
 (``lookup_table_bias`` / ``lookup_table_weight`` and ``get_bucket_ids``); the attention terms are the modules'
-outputs, combined as in ``irpe.rpe_attention``'s explicit path.
+outputs, combined as in ``irpe_attention.rpe_attention``'s explicit path.
 
 Examples::
 
@@ -570,7 +570,7 @@ def query_attention(
 
     q, k and v come from the layer's own ``qkv`` applied to the input its attention receives (a forward pre-hook);
     the iRPE term is the sum of its modules' outputs, ``rpe_k(q * scale)`` and ``rpe_q(k * scale)^T``, as
-    ``irpe.rpe_attention`` adds them on its explicit path.
+    ``irpe_attention.rpe_attention`` adds them on its explicit path.
 
     Args:
         model: see :func:`encoding_maps`.

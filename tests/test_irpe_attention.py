@@ -1,0 +1,380 @@
+"""Tests of irpe_attention.py: every attention path computes the paper's attention (forward and gradients, float64
+against the explicit formulation), what each path keeps for backward, how a path is chosen, and half precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import irpe
+import irpe_attention
+
+OPS = irpe.ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
+needs_ops = pytest.mark.skipif(not OPS, reason="rpe_ops is not built (make ops)")
+
+
+ATTENTION_CONFIGS = [
+    dict(method="product", skip=1, rpe_on="k"),
+    dict(method="product", skip=0, rpe_on="q"),
+    dict(method="cross", skip=1, rpe_on="qk", shared_head=False),
+    dict(method="euc", mode="bias", skip=0, rpe_on="qk", shared_head=False),
+    dict(method="quant", mode="bias", skip=2, rpe_on="k"),
+    dict(method="product", skip=1, rpe_on="qkv"),
+    dict(method="product", skip=1, rpe_on=""),
+]
+
+
+def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4, width=3, seed=0, values_args=None):
+    """q, k, v and the encodings of ``config_args``; ``values_args`` (a config with ``rpe_on='v'``) replaces the
+    encoding on values, e.g. a contextual one beside bias encodings on queries and keys (bias has none on values)."""
+    torch.manual_seed(seed)
+    modules = irpe.build_rpe(irpe.get_rpe_config(**config_args), d, H)
+    if values_args is not None:
+        modules[2] = irpe.build_rpe(irpe.get_rpe_config(**values_args), d, H)[2]
+    for module in modules:
+        if module is not None:
+            module.to(device=device, dtype=dtype)
+            for p in module.parameters():
+                nn.init.normal_(p)
+    L = config_args.get("skip", 0) + height * width
+    qkv = [torch.randn(B, H, L, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
+    return qkv, modules, (height, width)
+
+
+def _attention_and_grads(impl, qkv, modules, grid, backend=None):
+    out = irpe_attention.rpe_attention(*qkv, *modules, *grid, impl=impl, backend=backend)
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    # randn of the shape, not normal_() of an empty_like: the paths return different memory layouts
+    grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(3), device=out.device)
+    grads = torch.autograd.grad(out, [*qkv, *params], grad_out.to(out.dtype))
+    return out, grads
+
+
+def _assert_path_matches_math(impl, qkv, modules, grid, tol):
+    """``impl``'s output and gradients (inputs and encodings) equal the explicit formulation's, at ``tol``."""
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    out, grads = _attention_and_grads(impl, qkv, modules, grid)
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=tol, atol=tol)
+
+
+needs_ops_kernel = pytest.mark.skipif(not OPS, reason="the compiled rpe_ops are not built")
+FUSED_CPU_IMPLS = ["sdpa", pytest.param("ops", marks=needs_ops_kernel)]
+
+
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "config_args", ATTENTION_CONFIGS, ids=lambda c: f"{c['method']}-{c.get('mode', 'ctx')}-{c['rpe_on']}"
+)
+def test_fused_cpu_paths_match_math(config_args, dtype, impl):
+    qkv, modules, grid = _attention_inputs(config_args, dtype)
+    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_cpu_paths_half_precision(dtype, impl):
+    args = dict(method="product", skip=1, rpe_on="qk")
+    qkv, modules, grid = _attention_inputs(args, torch.float32)
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    half_qkv = [t.detach().to(dtype).requires_grad_() for t in qkv]
+    for m in modules:
+        if m is not None:
+            m.to(dtype)
+    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("config_args", ATTENTION_CONFIGS[:5], ids=lambda c: f"{c['method']}-{c['rpe_on']}")
+def test_flex_path_forward_matches_math_on_cpu(config_args):
+    # FlexAttention has no CPU backward; its gradients are checked by the CUDA test below.
+    qkv, modules, grid = _attention_inputs(config_args, torch.float32)
+    with pytest.raises(ValueError, match="FlexAttention has no backward on CPU"):
+        irpe_attention.rpe_attention(*qkv, *modules, *grid, impl="flex")
+    qkv = [t.detach() for t in qkv]
+    with torch.no_grad():
+        ref = irpe_attention.rpe_attention(*qkv, *modules, *grid, impl="math")
+        out = irpe_attention.rpe_attention(*qkv, *modules, *grid, impl="flex")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+@pytest.mark.parametrize("config_args", ATTENTION_CONFIGS[:5], ids=lambda c: f"{c['method']}-{c['rpe_on']}")
+def test_fused_paths_match_math_on_cuda(config_args, impl):
+    qkv, modules, grid = _attention_inputs(config_args, torch.float32, device="cuda", B=2, H=2, d=16, height=7, width=5)
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    out, grads = _attention_and_grads(impl, qkv, modules, grid)
+    torch.testing.assert_close(out, ref_out, rtol=2e-4, atol=2e-4)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=2e-4, atol=2e-4 * max(ref.abs().max().item(), 1.0))
+
+
+def test_attention_impl_resolution():
+    resolve = irpe_attention.resolve_attn_impl
+    assert resolve("auto", has_rpe_v=False, dropout_p=0.0) == "sdpa"  # no device given
+    cpu, meta, cuda = torch.device("cpu"), torch.device("meta"), torch.device("cuda")
+    # auto: the fused CPU kernel where it is built, PyTorch's fused attention elsewhere; with values too
+    for has_rpe_v in (False, True):
+        assert resolve("auto", has_rpe_v, 0.0, cpu) == ("ops" if OPS else "sdpa")
+        assert resolve("auto", has_rpe_v, 0.0, meta) == "sdpa"
+        assert resolve("auto", has_rpe_v, 0.0, cuda) == "sdpa"
+        assert resolve("sdpa", has_rpe_v, 0.0, cpu) == "sdpa"
+        assert resolve("math", has_rpe_v, 0.3, cpu) == "math"
+        with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on"):
+            resolve("ops", has_rpe_v, 0.0, meta)
+        # backend 'torch': no compiled code on any path, so auto never takes the kernel and 'ops' is refused
+        assert resolve("auto", has_rpe_v, 0.0, cpu, backend="torch") == "sdpa"
+        with pytest.raises(
+            ValueError, match=r"attn_impl='ops' is the compiled kernel of rpe_ops, but the iRPE backend"
+        ):
+            resolve("ops", has_rpe_v, 0.0, cpu, backend="torch")
+        with irpe.use_backend("torch"):
+            assert resolve("auto", has_rpe_v, 0.0, cpu) == "sdpa"
+    assert resolve("flex", has_rpe_v=False, dropout_p=0.0) == "flex"
+    # An explicit path runs as asked or raises: flex cannot encode values, no fused path applies dropout.
+    with pytest.raises(ValueError, match=r"attn_impl='flex' cannot encode values.*use attn_impl='auto' or 'sdpa'"):
+        resolve("flex", has_rpe_v=True, dropout_p=0.0)
+    for impl in ("sdpa", "flex", "ops"):
+        with pytest.raises(ValueError, match=rf"attn_impl='{impl}' cannot apply attention dropout \(dropout_p=0.1\)"):
+            resolve(impl, has_rpe_v=False, dropout_p=0.1, device=cpu)
+    # auto with dropout: the explicit formulation, which keeps the mask for backward
+    assert resolve("auto", has_rpe_v=True, dropout_p=0.1, device=cpu) == "math"
+    with pytest.raises(ValueError, match=r"unknown attention implementation 'fast'; expected one of \('auto'"):
+        resolve("fast", False, 0.0)
+    with pytest.raises(ValueError, match=r"unknown iRPE backend 'fast' \(from the backend argument\)"):
+        resolve("auto", False, 0.0, cpu, backend="fast")
+
+
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "math"])
+@pytest.mark.parametrize("rpe_on", ["k", "qkv"])
+def test_torch_backend_runs_no_compiled_code_on_any_path(monkeypatch, impl, rpe_on):
+    # IRPE_BACKEND=torch (here: backend='torch' and use_backend('torch')) must keep every path off rpe_ops: the ops'
+    # entry points are replaced by ones that fail, and the numbers still equal the default run's.
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on=rpe_on), torch.float64)
+    ref_out, ref_grads = _attention_and_grads(impl, qkv, modules, grid)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("compiled rpe_ops called under the torch backend")
+
+    ops = irpe.compiled_ops()[0]
+    if ops is not None:
+        for name in ("rpe_index", "rpe_bucket_sum", "rpe_attention"):
+            monkeypatch.setattr(ops, name, fail)
+    monkeypatch.setattr(torch.ops, "rpe_ops", None, raising=False)
+    for context in (irpe.use_backend("torch"), _Explicit("torch")):
+        with context as backend:
+            out, grads = _attention_and_grads(impl, qkv, modules, grid, backend=backend)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+
+
+class _Explicit:
+    """A context that only names the backend: the test passes it as the argument."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> str:
+        return self.name
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@pytest.mark.parametrize("rpe_on", ["k", "qkv", "v"])
+def test_fused_paths_keep_no_square_tensor_for_backward(rpe_on):
+    # What autograd saves between forward and backward: the math path keeps (B, H, L, L) probabilities and more,
+    # the fused paths only q, k, v, the output (and the ops kernel the rows' log-sum-exp) and the weights, with
+    # encodings on values too.
+    args = dict(method="product", skip=1, rpe_on=rpe_on)
+    qkv, modules, grid = _attention_inputs(args, torch.float32, height=9, width=9)
+    L = qkv[0].size(2)
+    for impl, expect_square in (("math", True), ("sdpa", False)) + ((("ops", False),) if OPS else ()):
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            irpe_attention.rpe_attention(*qkv, *modules, *grid, impl=impl)
+        has_square = any(len(s) == 4 and s[-2:] == (L, L) for s in shapes)
+        assert has_square == expect_square, (impl, shapes)
+
+
+@pytest.mark.parametrize("rpe_on", ["qk", "qkv"])
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+def test_compile_fullgraph_through_fused_attention(impl, rpe_on):
+    torch._dynamo.reset()
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on=rpe_on), torch.float32)
+
+    def step(q, k, v):
+        return irpe_attention.rpe_attention(q, k, v, *modules, *grid, impl=impl)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(*qkv)
+    torch.testing.assert_close(out, step(*qkv))
+    grads = torch.autograd.grad(out.square().sum(), qkv)
+    ref = torch.autograd.grad(step(*qkv).square().sum(), qkv)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 12 * 12 * 8 * 2])  # one sample per slice; two (float64) per slice
+def test_sdpa_path_batch_slices_match_math(monkeypatch, chunk_bytes):
+    monkeypatch.setitem(irpe_attention._FUSED_CHUNK_BYTES, "cpu", chunk_bytes)
+    args = dict(method="cross", skip=0, rpe_on="qk", shared_head=False)
+    qkv, modules, grid = _attention_inputs(args, torch.float64, B=5, height=4, width=3)
+    assert len(irpe_attention._batch_chunks(qkv[0])) == (5 if chunk_bytes == 1 else 3)
+    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "dtype, itemsize", [(torch.float64, 8), (torch.float32, 4), (torch.bfloat16, 4), (torch.float16, 4)]
+)
+def test_work_chunks_count_the_bytes_of_the_work_dtype(monkeypatch, dtype, itemsize):
+    # half types are recomputed in float32, so their work tensors take 4 bytes per logit, float64 ones 8
+    B, H, L = 6, 2, 5
+    monkeypatch.setitem(irpe_attention._FUSED_CHUNK_BYTES, "cpu", 2 * H * L * L * itemsize)
+    q = torch.zeros(B, H, L, 4, dtype=dtype)
+    assert irpe_attention._batch_chunks(q) == [(0, 2), (2, 4), (4, 6)]
+    monkeypatch.setitem(irpe_attention._FUSED_CHUNK_BYTES, "cpu", 2 * H * L * itemsize)
+    assert irpe_attention._row_blocks(q, 1, L) == [(0, 2), (2, 4), (4, 5)]
+
+
+# Encodings on values on the fused paths: every method, contextual (alone or beside bias encodings on queries and
+# keys, bias having no values mode), shared and per head, skip tokens, square and non-square grids.
+VALUES_CASES = [
+    (dict(method="product", skip=1, rpe_on="v"), None, (4, 3)),
+    (dict(method="product", skip=1, rpe_on="kv", shared_head=False), None, (3, 5)),
+    (dict(method="product", skip=1, rpe_on="qkv"), None, (4, 4)),
+    (dict(method="euc", skip=0, rpe_on="qkv", shared_head=False), None, (4, 3)),
+    (dict(method="quant", skip=2, rpe_on="kv"), None, (2, 5)),
+    (dict(method="cross", skip=1, rpe_on="qkv"), None, (4, 3)),
+    (dict(method="cross", skip=0, rpe_on="v", shared_head=False), None, (3, 3)),
+    (dict(method="euc", mode="bias", skip=1, rpe_on="qk"), dict(method="euc", skip=1, rpe_on="v"), (4, 3)),
+    (
+        dict(method="cross", mode="bias", skip=0, rpe_on="k", shared_head=False),
+        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
+        (3, 4),
+    ),
+    (
+        dict(method="quant", mode="bias", skip=2, rpe_on="qk"),
+        dict(method="quant", skip=2, rpe_on="v", shared_head=False),
+        (3, 2),
+    ),
+    (dict(method="product", mode="bias", skip=1, rpe_on="q"), dict(method="product", skip=1, rpe_on="v"), (5, 3)),
+]
+
+
+def _values_case_id(case) -> str:
+    args, values_args, (height, width) = case
+    mode = args.get("mode", "ctx") + ("+ctx-v" if values_args else "")
+    heads = "shared" if args.get("shared_head", True) else "per-head"
+    return f"{args['method']}-{mode}-{args['rpe_on']}-{heads}-skip{args['skip']}-{height}x{width}"
+
+
+VALUES_IMPLS = [
+    pytest.param("sdpa", "cpu", id="sdpa-cpu"),
+    pytest.param("ops", "cpu", marks=needs_ops_kernel, id="ops-cpu"),
+    pytest.param("sdpa", "cuda", marks=pytest.mark.cuda, id="sdpa-cuda"),
+    pytest.param("auto", "cuda", marks=pytest.mark.cuda, id="auto-cuda"),
+]
+
+
+@pytest.mark.parametrize("impl, device", VALUES_IMPLS)
+@pytest.mark.parametrize("case", VALUES_CASES, ids=_values_case_id)
+def test_fused_values_paths_match_math(case, impl, device):
+    # float64 on either device: the paths differ from the explicit formulation only in rounding.
+    args, values_args, (height, width) = case
+    qkv, modules, grid = _attention_inputs(
+        args, torch.float64, device=device, height=height, width=width, values_args=values_args
+    )
+    assert modules[2] is not None
+    _assert_path_matches_math(impl, qkv, modules, grid, tol=1e-10)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    "chunk_bytes, blocks",
+    [(2 * 3 * 17 * 17 * 8, 1), (5 * 3 * 17 * 8, 4), (16 * 3 * 17 * 8, 2), (1, 17)],
+    ids=["2-samples-all-rows", "1-sample-5-rows", "1-sample-16-rows", "1-row"],
+)
+def test_sdpa_values_path_row_blocks_match_math(monkeypatch, device, chunk_bytes, blocks):
+    # L = 17 (class token + 4x4 grid), H = 3; the chunk size counts float64 bytes of (b, H, rows, L) work tensors:
+    # slices of 2 samples take all rows, single samples blocks of 5 or 16 rows (a short last block) or of one row.
+    monkeypatch.setitem(irpe_attention._FUSED_CHUNK_BYTES, device, chunk_bytes)
+    qkv, modules, grid = _attention_inputs(
+        dict(method="product", skip=1, rpe_on="qkv", shared_head=False),
+        torch.float64,
+        device=device,
+        B=3,
+        height=4,
+        width=4,
+    )
+    q = qkv[0]
+    b0, b1 = irpe_attention._batch_chunks(q)[0]
+    assert len(irpe_attention._row_blocks(q, b1 - b0, q.size(2))) == blocks
+    _assert_path_matches_math("sdpa", qkv, modules, grid, tol=1e-10)
+
+
+@pytest.mark.parametrize("impl", FUSED_CPU_IMPLS)
+def test_fused_values_paths_half_precision(impl):
+    # bfloat16 through the values paths: computed in float32 (the kernel) or recomputed in float32 (sdpa's blocks).
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="qkv"), torch.float32)
+    ref_out, ref_grads = _attention_and_grads("math", qkv, modules, grid)
+    half_qkv = [t.detach().to(torch.bfloat16).requires_grad_() for t in qkv]
+    for m in modules:
+        m.to(torch.bfloat16)
+    out, grads = _attention_and_grads(impl, half_qkv, modules, grid)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    torch.testing.assert_close(out.float(), ref_out, rtol=0.05, atol=0.05)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+@needs_ops_kernel
+@pytest.mark.parametrize(
+    "config_args",
+    [
+        dict(method="product", skip=1, rpe_on="qk"),
+        dict(method="cross", mode="bias", skip=0, rpe_on="qk"),
+        dict(method="product", skip=1, rpe_on="qkv"),
+        dict(method="cross", skip=0, rpe_on="v", shared_head=False),
+    ],
+    ids=["product-ctx-qk", "cross-bias-qk", "product-ctx-qkv", "cross-ctx-v"],
+)
+def test_ops_kernel_row_blocks_match_math(config_args):
+    # L = 290: the kernel's blocks of query rows (65536 logits) split every (b, h) into two, the last one short.
+    qkv, modules, grid = _attention_inputs(config_args, torch.float64, B=1, H=2, d=4, height=17, width=17)
+    assert qkv[0].size(2) ** 2 > 65536
+    _assert_path_matches_math("ops", qkv, modules, grid, tol=1e-10)
+
+
+@needs_ops_kernel
+def test_ops_kernel_float32_softmax_handles_large_logits():
+    # Logits ~1e3 apart: the kernel's exp must subtract the row maximum and flush far-away keys to ~0. The softmax
+    # saturates, so float32 gradients lose digits on any path: the kernel must be as close to float64 as math is.
+    qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on="k"), torch.float32)
+    qkv = [(t * 30).detach().requires_grad_() for t in qkv]
+    exact_out, exact_grads = _attention_and_grads(
+        "math", [t.double() for t in qkv], [m.double() if m else m for m in modules], grid
+    )
+    for m in modules:
+        if m is not None:
+            m.float()
+    results = {impl: _attention_and_grads(impl, qkv, modules, grid) for impl in ("math", "ops")}
+    out, grads = results["ops"]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), exact_out, rtol=1e-4, atol=1e-4)
+    for i, exact in enumerate(exact_grads):
+        err = {impl: (res[1][i].double() - exact).abs().max().item() for impl, res in results.items()}
+        assert err["ops"] <= 4 * err["math"] + 1e-6 * exact.abs().max().item(), (i, err)
