@@ -379,15 +379,6 @@ def _scan_tar(tar_path: str) -> tuple[list[str], int]:
     return sorted(classes), count
 
 
-def tar_class_names(tar_path: str) -> list[str]:
-    """Sorted class names (the folder holding each image) of an uncompressed tar archive, checking the layout.
-
-    Raises:
-        UserError: see :func:`_scan_tar`.
-    """
-    return _scan_tar(tar_path)[0]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # iNaturalist (DeiT json layout)
 

@@ -6,6 +6,7 @@ through ``torch.amp.GradScaler`` (only needed for float16), no unconditional CUD
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -22,6 +23,8 @@ from losses import DistillationLoss
 from utils import TrainingError
 
 StepHook = Callable[[int, dict[str, float]], None]
+
+_logger = logging.getLogger(__name__)
 
 
 def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
@@ -125,7 +128,7 @@ def train_one_epoch(
             step_hook(step, {"loss": loss_value, "lr": lr})
 
     metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger, flush=True)
+    _logger.info(f"Averaged stats: {metric_logger}")
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
 
 
@@ -148,7 +151,7 @@ def evaluate(
         print_freq: Progress line every this many steps.
         sync: Sum the metrics over ranks (False when every rank evaluated the whole set).
 
-    Prints DeiT's summary line ``* Acc@1 {top1:.3f} Acc@5 {top5:.3f} loss {loss:.3f}``, which scripts parse.
+    Logs DeiT's summary line ``* Acc@1 {top1:.3f} Acc@5 {top5:.3f} loss {loss:.3f}``, which scripts parse.
 
     Returns:
         ``loss``, ``acc1``, ``acc5`` (averages over all evaluated images) and ``num_images``.
@@ -172,12 +175,7 @@ def evaluate(
     if sync:
         metric_logger.synchronize_between_processes()
     m = metric_logger.meters
-    print(
-        "* Acc@1 {top1:.3f} Acc@5 {top5:.3f} loss {loss:.3f}".format(
-            top1=m["acc1"].global_avg, top5=m["acc5"].global_avg, loss=m["loss"].global_avg
-        ),
-        flush=True,
-    )
+    _logger.info(f"* Acc@1 {m['acc1'].global_avg:.3f} Acc@5 {m['acc5'].global_avg:.3f} loss {m['loss'].global_avg:.3f}")
     return {
         "loss": m["loss"].global_avg,
         "acc1": m["acc1"].global_avg,

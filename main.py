@@ -39,12 +39,14 @@ import copy
 import datetime
 import difflib
 import json
+import logging
 import math
 import random
 import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,7 @@ from timm.utils import ModelEmaV2
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+import models
 import utils
 from datasets import DATA_SETS, build_dataset
 from engine import evaluate, train_one_epoch
@@ -68,14 +71,17 @@ from losses import DISTILLATION_TYPES, DistillationLoss
 from samplers import RASampler, ShardedEvalSampler
 from utils import TrainingError, UserError
 
+# Importing rpe_models registers the iRPE models in timm's registry, so that timm.create_model finds them by name.
 try:
-    import rpe_models  # noqa: F401  (registers the iRPE models in timm's registry)
+    import rpe_models  # noqa: F401
 except ValueError as _err:  # irpe.py refuses an unknown IRPE_BACKEND when imported: validate_args reports it
     if "IRPE_BACKEND" not in str(_err):
         raise
     _IRPE_IMPORT_ERROR: str | None = str(_err)
 else:
     _IRPE_IMPORT_ERROR = None
+
+_logger = logging.getLogger(__name__)
 
 AMP_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name")
@@ -590,14 +596,20 @@ def validate_args(args: argparse.Namespace) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Model, teacher, checkpoints and data loaders
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """Creates ``args.model`` with timm at ``args.input_size``.
+    """Creates ``args.model`` with timm at ``args.input_size`` (name and size were checked by ``validate_args``).
+
+    ``--pretrained`` weights of the iRPE models load through :func:`models.load_pretrained`; those of timm's own
+    models (the DeiT baselines) through timm's loader.
 
     Raises:
-        UserError: unknown name, bad input size, ``--attn-impl`` unsupported, pretrained weights unavailable.
+        UserError: ``--attn-impl`` unsupported by the model, or an input size that is not a multiple of its patch.
+        models.CheckpointError: the pretrained weights cannot be fetched, read or matched to the model.
     """
-    check_model_name(args.model)
-    check_input_size(args.input_size, _patch_size_from_name(args.model), args.model)
     kwargs: dict[str, Any] = dict(
         pretrained=args.pretrained,
         num_classes=num_classes,
@@ -609,96 +621,43 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         kwargs["attn_impl"] = args.attn_impl
     try:
         model = timm.create_model(args.model, **kwargs)
-    except (TypeError, ValueError) as e:
-        if "attn_impl" in str(e):
+    except (OSError, RuntimeError, TypeError, ValueError) as e:
+        if "attn_impl" in str(e) and not isinstance(e, models.CheckpointError):
             raise UserError(f"model {args.model} does not support --attn-impl {args.attn_impl}: {e}") from None
         if not args.pretrained:
             raise
-        raise UserError(f"cannot load pretrained weights of {args.model}: {type(e).__name__}: {e}") from None
-    except (OSError, RuntimeError) as e:
-        if not args.pretrained:
-            raise
-        raise UserError(f"cannot load pretrained weights of {args.model}: {type(e).__name__}: {e}") from None
+        reason = str(e) if isinstance(e, models.CheckpointError) else f"{type(e).__name__}: {e}"
+        raise models.CheckpointError(f"cannot load pretrained weights of {args.model}: {reason}") from None
     check_input_size(args.input_size, model_patch_size(model), args.model)
     return model
-
-
-def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Removes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
-
-
-def load_model_state(model: nn.Module, state_dict: dict[str, Any], source: str, model_name: str) -> None:
-    """Loads ``state_dict`` strictly, or raises a ``UserError`` listing missing/unexpected/mismatched keys."""
-    state_dict = _strip_prefixes(check_state_dict(state_dict, source))
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        parts = [f"checkpoint {source} does not match model {model_name} (is it from another model?)"]
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches (checkpoint vs model): {show(mismatched)}")
-        raise UserError("; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
-
-
-def check_state_dict(state_dict: Any, source: str, entry: str = "model") -> dict[str, torch.Tensor]:
-    """Returns ``state_dict`` if it maps parameter names to tensors, else raises a ``UserError`` on what it holds."""
-    where = f"checkpoint {source}: {entry!r}"
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{where} must map parameter names to tensors, got a {type(state_dict).__name__}")
-    for k, v in state_dict.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise UserError(
-                f"{where} must map parameter names to tensors, but {k!r} holds a {type(v).__name__}"
-                " (is it a checkpoint written by main.py or a state_dict()?)"
-            )
-    return state_dict
 
 
 def check_resume_checkpoint(ckpt: dict[str, Any], source: str) -> None:
     """Checks the entries of a ``--resume`` checkpoint that ``main`` reads, before the data and model are built.
 
     Raises:
-        UserError: an entry is missing or of the wrong kind (named, with what it holds).
+        models.CheckpointError: an entry is missing or of the wrong kind (named, with what it holds).
     """
-    if "model" not in ckpt:
-        raise UserError(f"checkpoint {source} has no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:8]))})")
-    check_state_dict(ckpt["model"], source)
+    models.checkpoint_state_dict(ckpt, source, required=True)
     if ckpt.get("model_ema") is not None:
-        check_state_dict(ckpt["model_ema"], source, "model_ema")
+        models.checkpoint_state_dict(ckpt, source, "model_ema")
     epoch = ckpt.get("epoch")
     if "epoch" in ckpt and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise UserError(f"checkpoint {source}: 'epoch' must be a non-negative integer, got {_describe(epoch)}")
+        raise models.CheckpointError(
+            f"checkpoint {source}: 'epoch' must be a non-negative integer, got {_describe(epoch)}"
+        )
     for key in ("optimizer", "lr_scheduler"):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
-            raise UserError(f"checkpoint {source}: {key!r} must be a state dict, got a {type(ckpt[key]).__name__}")
+            raise models.CheckpointError(
+                f"checkpoint {source}: {key!r} must be a state dict, got a {type(ckpt[key]).__name__}"
+            )
     acc = ckpt.get("max_accuracy", 0.0)
     if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
-        raise UserError(f"checkpoint {source}: 'max_accuracy' must be a number, got {_describe(acc)}")
+        raise models.CheckpointError(f"checkpoint {source}: 'max_accuracy' must be a number, got {_describe(acc)}")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str, args: Any) -> None:
-    """Loads a checkpoint's optimizer state, or raises a ``UserError`` when it belongs to another model/optimizer.
+    """Loads a checkpoint's optimizer state, or raises a ``CheckpointError`` when it is another model's/optimizer's.
 
     ``Optimizer.load_state_dict`` checks only the number of parameters per group; the shapes of the moment buffers
     are checked here too (a mismatch would otherwise fail at the first step).
@@ -710,80 +669,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-        raise UserError(f"{why} ({type(e).__name__}: {e})") from None
+        raise models.CheckpointError(f"{why} ({type(e).__name__}: {e})") from None
     for param, param_state in optimizer.state.items():
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
             buf = param_state.get(key)
             if isinstance(buf, torch.Tensor) and buf.shape != param.shape:
-                raise UserError(f"{why} ({key} {tuple(buf.shape)} for a parameter {tuple(param.shape)})")
-
-
-# Keys that finetuning adapts instead of copying: a head of another class count is dropped, the position embedding
-# is resampled to the model's patch grid.
-FINETUNE_HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
-
-
-def load_finetune_weights(
-    model: nn.Module, source: str, ckpt: dict[str, Any] | None = None, model_name: str = "the model"
-) -> None:
-    """Loads a checkpoint for finetuning: drops a head of another class count and resizes the position embedding.
-
-    Weights the model lacks or the checkpoint lacks are reported and skipped (e.g. the iRPE tables when starting from
-    a DeiT checkpoint).
-
-    Raises:
-        UserError: no weight of the checkpoint matches the model (another architecture), or shapes differ beyond
-            the head and the position embedding (another model size).
-    """
-    ckpt = ckpt if ckpt is not None else utils.load_checkpoint(source)
-    state_dict = _strip_prefixes(check_state_dict(ckpt.get("model", ckpt), source))
-    own = model.state_dict()
-    matched = [k for k in state_dict if k in own]
-    if not matched:
-        raise UserError(
-            f"--finetune {source}: none of its {len(state_dict)} weights (e.g. {', '.join(list(state_dict)[:3])}) is "
-            f"a weight of {model_name}: it is from another architecture; use a checkpoint of a ViT/DeiT model"
-        )
-    for k in FINETUNE_HEAD_KEYS:
-        if k in state_dict and k in own and state_dict[k].shape != own[k].shape:
-            print(f"Removing key {k} from pretrained checkpoint")
-            del state_dict[k]
-    if "pos_embed" in state_dict and "pos_embed" in own and state_dict["pos_embed"].shape != own["pos_embed"].shape:
-        from timm.layers import resample_abs_pos_embed
-
-        num_prefix = int(getattr(model, "num_prefix_tokens", 1 + int(getattr(model, "dist_token", None) is not None)))
-        grid = getattr(model.patch_embed, "grid_size", None)
-        new_size = list(grid) if grid is not None else [int((own["pos_embed"].shape[1] - num_prefix) ** 0.5)] * 2
-        try:
-            state_dict["pos_embed"] = resample_abs_pos_embed(
-                state_dict["pos_embed"], new_size=new_size, num_prefix_tokens=num_prefix
-            )
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"--finetune {source}: cannot resample its pos_embed to {model_name}: {e}") from None
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if mismatched:
-        shown = ", ".join(mismatched[:6]) + (f" ... ({len(mismatched)} in all)" if len(mismatched) > 6 else "")
-        raise UserError(
-            f"--finetune {source}: weight shapes differ from {model_name} (checkpoint vs model): {shown}; only the "
-            "head and the position embedding are adapted, so use a checkpoint of the same model size"
-        )
-    result = model.load_state_dict(state_dict, strict=False)
-    print(f"Finetuning from {source}: {result}")
+                raise models.CheckpointError(f"{why} ({key} {tuple(buf.shape)} for a parameter {tuple(param.shape)})")
 
 
 def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    """Creates and loads the frozen distillation teacher."""
+    """Creates the distillation teacher, loads ``--teacher-path`` strictly, and freezes it in eval mode.
+
+    Raises:
+        UserError: no ``--teacher-path``, or an unknown ``--teacher-model``.
+        models.CheckpointError: the checkpoint cannot be fetched or read, or is not the teacher's.
+    """
     if not args.teacher_path:
         raise UserError("--distillation-type needs --teacher-path (teacher weights, file or URL)")
     check_model_name(args.teacher_model)
-    print(f"Creating teacher model: {args.teacher_model}")
+    _logger.info(f"Creating teacher model: {args.teacher_model}")
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes, global_pool="avg")
-    ckpt = utils.load_checkpoint(args.teacher_path)
-    load_model_state(teacher, ckpt.get("model", ckpt), args.teacher_path, args.teacher_model)
+    ckpt = models.load_checkpoint(args.teacher_path, revalidate=True)
+    state = models.checkpoint_state_dict(ckpt, args.teacher_path)
+    models.load_state_dict(teacher, state, args.teacher_path, name=args.teacher_model)
     teacher.to(device)
     teacher.eval()
     for p in teacher.parameters():
@@ -941,7 +849,7 @@ def _reconcile_log(path: Path, epoch: int) -> float | None:
     new_text = "".join(kept[e] + "\n" for e in sorted(kept))
     if new_text != text:
         utils.atomic_write_text(path, new_text)
-        print(f"{path}: removed {dropped} line(s) of epochs after {epoch}, repeated or cut short by a kill")
+        _logger.info(f"{path}: removed {dropped} line(s) of epochs after {epoch}, repeated or cut short by a kill")
     if epoch not in kept:
         return None
     acc = json.loads(kept[epoch]).get("test_acc1")
@@ -953,7 +861,7 @@ def _max_accuracy_of(path: Path) -> float:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001  (e.g. not a zip checkpoint: load it as any other checkpoint)
-        ckpt = utils.load_checkpoint(str(path))
+        ckpt = models.load_checkpoint(path)
     return float(ckpt.get("max_accuracy", 0.0))
 
 
@@ -976,7 +884,7 @@ def reconcile_outputs(output_dir: Path, ckpt: dict[str, Any], ckpt_path: Path) -
     best_acc = _max_accuracy_of(best_path) if best_path.is_file() else None
     if best_acc is not None and best_acc >= max_accuracy:
         if best_acc > max_accuracy:
-            print(
+            _logger.info(
                 f"{best_path} holds {best_acc:.2f}% (epoch {epoch + 1}, cut short by a kill), above the checkpoint's "
                 f"{max_accuracy:.2f}%: kept; later epochs replace it only with more accurate weights"
             )
@@ -984,16 +892,17 @@ def reconcile_outputs(output_dir: Path, ckpt: dict[str, Any], ckpt_path: Path) -
     if own_acc is not None and float(own_acc) >= max_accuracy:  # checkpoint.pth holds the best epoch itself
         utils.atomic_copy(ckpt_path, best_path)
         before = "was missing" if best_acc is None else f"held {best_acc:.2f}%"
-        print(f"{best_path} {before}: restored from {ckpt_path} (epoch {epoch}, {max_accuracy:.2f}%)")
+        _logger.info(f"{best_path} {before}: restored from {ckpt_path} (epoch {epoch}, {max_accuracy:.2f}%)")
         return max_accuracy
-    utils.eprint(
-        f"warning: the weights of max_accuracy {max_accuracy:.2f}% are in neither {best_path} nor {ckpt_path}; "
+    _logger.warning(
+        f"the weights of max_accuracy {max_accuracy:.2f}% are in neither {best_path} nor {ckpt_path}; "
         "best_checkpoint.pth will hold the best epoch from here on"
     )
     return best_acc if best_acc is not None else 0.0
 
 
 def _same_file(a: str | Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name the same existing file or folder."""
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -1001,7 +910,321 @@ def _same_file(a: str | Path, b: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Main
+# Main: the steps of a run
+
+
+@dataclass
+class Run:
+    """Where and how the run computes and writes (the set-up step)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for float32
+    output_dir: Path | None  # None: nothing is saved
+
+
+@dataclass
+class Data:
+    """The loaders of the data step, and the mixup/cutmix that turns training labels into soft targets."""
+
+    loader_train: DataLoader
+    loader_val: DataLoader
+    sampler_train: Any  # its set_epoch(epoch) seeds the shuffle of every epoch
+    num_classes: int
+    mixup_fn: Mixup | None
+
+    @property
+    def num_val(self) -> int:
+        """Number of validation images."""
+        return len(self.loader_val.dataset)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunModels:
+    """The model (the module checkpoints hold), what runs it (compiled and/or DDP-wrapped) and its EMA."""
+
+    model: nn.Module
+    run_model: nn.Module
+    model_ema: ModelEmaV2 | None
+    n_parameters: int
+
+
+@dataclass
+class Optimization:
+    """Optimizer, learning-rate schedule, float16 loss scaler (None otherwise) and loss."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_scaler: torch.amp.GradScaler | None
+    criterion: DistillationLoss
+
+
+def setup_run(args: argparse.Namespace, resolved: argparse.Namespace) -> Run:
+    """Validates the flags, then sets up the device, the process group, AMP, the seeds and the output folder.
+
+    The flags and the device are checked before the process group is created, so that a bad value is one error line
+    per rank rather than a hang or a traceback.
+    """
+    validate_args(args)
+    device = resolve_device(args.device)
+    utils.init_distributed_mode(args)
+    amp_dtype = resolve_amp_dtype(args, device)
+    _logger.info(f"device: {device}, world size: {utils.get_world_size()}, amp: {amp_dtype or 'off'}")
+    seed_everything(args.seed + utils.get_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Run(device, amp_dtype, prepare_output_dir(args.output_dir, resolved))
+
+
+def prepare_output_dir(path: str, resolved: argparse.Namespace) -> Path | None:
+    """Creates ``--output_dir`` (rank 0), deletes temporary files a killed save left, and writes ``args.yaml``.
+
+    Returns:
+        The folder, or None when ``--output_dir`` is empty (nothing is saved).
+    """
+    if not path:
+        return None
+    output_dir = Path(path)
+    if utils.is_main_process():
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output_dir {output_dir}: {e.strerror or e}") from None
+        for tmp in utils.remove_stale_temp_files(output_dir, OUTPUT_FILES):
+            _logger.info(f"Removed {tmp}, left by a run killed while saving")
+        write_args_yaml(resolved, output_dir / "args.yaml")
+    return output_dir
+
+
+def read_checkpoints(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+    """Reads and checks the ``--resume`` checkpoint and the ``--finetune`` weights (not applied with ``--eval``).
+
+    Both are read before the data and the model are built, so that a wrong file fails in seconds.
+
+    Returns:
+        The ``--resume`` checkpoint and the ``--finetune`` state dict, each None when not given.
+    """
+    resume = models.load_checkpoint(args.resume, revalidate=True) if args.resume else None
+    if resume is not None:
+        check_resume_checkpoint(resume, args.resume)
+    finetune = None
+    if args.finetune and not args.eval:
+        finetune = models.checkpoint_state_dict(models.load_checkpoint(args.finetune, revalidate=True), args.finetune)
+    return resume, finetune
+
+
+def build_data(args: argparse.Namespace) -> Data:
+    """Builds the datasets (validation classes numbered as the training ones), their loaders and mixup."""
+    dataset_train, num_classes = build_dataset(True, args)
+    dataset_val, _ = build_dataset(False, args, class_to_idx=getattr(dataset_train, "class_to_idx", None))
+    _logger.info(f"data: {len(dataset_train)} train / {len(dataset_val)} val images, {num_classes} classes")
+    loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
+    return Data(loader_train, loader_val, sampler_train, num_classes, build_mixup(args, num_classes))
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    """Whether mixup or cutmix is on (then the targets are soft and smoothing is folded into them)."""
+    return args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+
+
+def build_mixup(args: argparse.Namespace, num_classes: int) -> Mixup | None:
+    """timm's ``Mixup`` for ``--mixup``/``--cutmix`` (with label smoothing), or None when both are off."""
+    if not mixup_active(args):
+        return None
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_models(
+    args: argparse.Namespace, device: torch.device, num_classes: int, finetune: dict[str, torch.Tensor] | None
+) -> RunModels:
+    """Builds the model, loads the ``--finetune`` weights into it, then its EMA, ``torch.compile`` and DDP wrappers.
+
+    Raises:
+        UserError: finetuning with distillation, or what :func:`build_model` raises.
+        models.CheckpointError: the ``--finetune`` weights do not fit the model.
+    """
+    _logger.info(f"Creating model: {args.model}")
+    model = build_model(args, num_classes)
+    if args.distillation_type != "none" and hasattr(model, "set_distilled_training"):
+        model.set_distilled_training(True)  # timm's distilled DeiT returns (cls, dist) logits in train mode
+    if finetune is not None:
+        if args.distillation_type != "none":
+            raise UserError("finetuning with distillation is not supported")
+        skipped = models.load_state_dict(model, finetune, args.finetune, name=args.model, adapt=True, strict=False)
+        _logger.info(f"Finetuning from {args.finetune}: {skipped}")
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
+    run_model: nn.Module = torch.compile(model) if args.compile else model
+    if args.distributed:
+        device_ids = [args.gpu] if device.type == "cuda" else None
+        run_model = nn.parallel.DistributedDataParallel(run_model, device_ids=device_ids)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _logger.info(f"number of params: {n_parameters}")
+    return RunModels(model, run_model, model_ema, n_parameters)
+
+
+def build_optimization(args: argparse.Namespace, model: nn.Module, run: Run, num_classes: int) -> Optimization:
+    """Builds the optimizer (DeiT's linear lr scaling), the schedule, the loss scaler and the (distillation) loss.
+
+    Raises:
+        UserError: an optimizer whose package or device is missing, or what :func:`build_teacher` raises.
+    """
+    opt_args = argparse.Namespace(**vars(args))
+    opt_args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0  # DeiT's linear scaling rule
+    _logger.info(
+        f"lr: {args.lr} scaled to {opt_args.lr:.3e} (batch {args.batch_size} x {utils.get_world_size()} / 512)"
+    )
+    try:
+        optimizer = create_optimizer(opt_args, model)
+    except (ImportError, AssertionError) as e:  # apex / bitsandbytes optimizers: package or CUDA missing
+        raise UserError(f"--opt {args.opt} is not available here: {e}") from None
+    loss_scaler = torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
+    lr_scheduler, _ = create_scheduler(opt_args, optimizer)
+    return Optimization(optimizer, lr_scheduler, loss_scaler, build_criterion(args, num_classes, run.device))
+
+
+def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.device) -> DistillationLoss:
+    """The training loss: soft-target, label-smoothing or plain cross-entropy, with the teacher when distilling."""
+    if mixup_active(args):
+        base_criterion: nn.Module = SoftTargetCrossEntropy()  # smoothing is folded into the mixup targets
+    elif args.smoothing:
+        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base_criterion = nn.CrossEntropyLoss()
+    teacher = None
+    if args.distillation_type != "none" and not args.eval:
+        teacher = build_teacher(args, num_classes, device)
+    return DistillationLoss(
+        base_criterion, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau
+    )
+
+
+def resume_from(
+    args: argparse.Namespace, ckpt: dict[str, Any], built: RunModels, optim: Optimization, output_dir: Path | None
+) -> float:
+    """Loads the ``--resume`` weights and, when training, the optimizer, schedule, EMA, scaler and epoch.
+
+    Sets ``args.start_epoch`` to the epoch after the checkpoint's. Resuming into the folder the checkpoint is in
+    first repairs what a kill left there (:func:`reconcile_outputs`).
+
+    Returns:
+        The max_accuracy to continue with (0 for ``--eval`` or a weights-only checkpoint).
+
+    Raises:
+        models.CheckpointError: the checkpoint's model, EMA or optimizer state does not fit.
+    """
+    models.load_state_dict(built.model, ckpt["model"], args.resume, name=args.model)
+    if args.eval or ckpt.get("optimizer") is None or "epoch" not in ckpt:
+        return 0.0
+    load_optimizer_state(optim.optimizer, ckpt["optimizer"], args.resume, args)
+    if ckpt.get("lr_scheduler"):
+        optim.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+    args.start_epoch = int(ckpt["epoch"]) + 1
+    if built.model_ema is not None and ckpt.get("model_ema"):
+        models.load_state_dict(built.model_ema.module, ckpt["model_ema"], f"{args.resume} (model_ema)", name=args.model)
+    if optim.loss_scaler is not None and ckpt.get("scaler"):
+        optim.loss_scaler.load_state_dict(ckpt["scaler"])
+    max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+    if output_dir is not None and utils.is_main_process() and _same_file(Path(args.resume).parent, output_dir):
+        max_accuracy = reconcile_outputs(output_dir, ckpt, Path(args.resume))  # after a kill, see above
+    _logger.info(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
+    return max_accuracy
+
+
+def evaluate_model(args: argparse.Namespace, run: Run, data: Data, built: RunModels) -> dict[str, float]:
+    """One pass over the validation set (sharded over the ranks with ``--dist-eval``); logs the top-1 accuracy."""
+    sync = args.dist_eval or not args.distributed  # without --dist-eval every rank evaluates the whole set
+    stats = evaluate(data.loader_val, built.run_model, run.device, run.amp_dtype, args.print_freq, sync=sync)
+    _logger.info(f"Accuracy of the network on the {data.num_val} test images: {stats['acc1']:.1f}%")
+    return stats
+
+
+def train(
+    args: argparse.Namespace,
+    resolved: argparse.Namespace,
+    run: Run,
+    data: Data,
+    built: RunModels,
+    optim: Optimization,
+    max_accuracy: float,
+) -> dict[str, Any]:
+    """Trains from ``args.start_epoch`` to ``args.epochs``, evaluating and saving (rank 0) after every epoch.
+
+    Returns:
+        The last evaluation statistics and ``max_accuracy``.
+    """
+    tb = TensorBoardLogger(args.log_dir or args.output_dir, args.tb_log_freq, len(data.loader_train))
+    _logger.info(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    test_stats: dict[str, float] = {}
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            if hasattr(data.sampler_train, "set_epoch"):
+                data.sampler_train.set_epoch(epoch)
+            optim.lr_scheduler.step(epoch)  # epoch e trains at lr(e), also right after a resume
+            tb.epoch = epoch
+            train_stats = train_one_epoch(
+                built.run_model,
+                optim.criterion,
+                data.loader_train,
+                optim.optimizer,
+                run.device,
+                epoch,
+                optim.loss_scaler,
+                amp_dtype=run.amp_dtype,
+                max_norm=args.clip_grad,
+                model_ema=built.model_ema,
+                mixup_fn=data.mixup_fn,
+                print_freq=args.print_freq,
+                step_hook=tb.step,
+            )
+            test_stats = evaluate_model(args, run, data, built)
+            first_best = run.output_dir is not None and not (run.output_dir / "best_checkpoint.pth").exists()
+            improved = test_stats["acc1"] > max_accuracy or first_best  # a best checkpoint exists even at 0%
+            max_accuracy = max(max_accuracy, test_stats["acc1"])
+            _logger.info(f"Max accuracy: {max_accuracy:.2f}%")
+            log_stats = {
+                **{f"train_{k}": v for k, v in train_stats.items()},
+                **{f"test_{k}": v for k, v in test_stats.items()},
+                "epoch": epoch,
+                "n_parameters": built.n_parameters,
+                "max_accuracy": max_accuracy,
+            }
+            tb.epoch_end(epoch, log_stats)
+            if run.output_dir is not None and utils.is_main_process():
+                state = epoch_checkpoint(epoch, built, optim, max_accuracy, test_stats["acc1"], resolved)
+                save_epoch_outputs(run.output_dir, state, log_stats, improved)  # crash-safe order, see above
+    finally:
+        tb.close()
+    _logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return {**test_stats, "max_accuracy": max_accuracy}
+
+
+def epoch_checkpoint(
+    epoch: int, built: RunModels, optim: Optimization, max_accuracy: float, acc1: float, resolved: argparse.Namespace
+) -> dict[str, Any]:
+    """What ``checkpoint.pth`` holds after ``epoch``: DeiT's entries (plain data only) plus ``test_acc1``."""
+    return {
+        "model": built.model.state_dict(),
+        "optimizer": optim.optimizer.state_dict(),
+        "lr_scheduler": utils.to_plain(optim.lr_scheduler.state_dict()),
+        "epoch": epoch,
+        "model_ema": built.model_ema.module.state_dict() if built.model_ema is not None else None,
+        "scaler": scaler_state(optim.loss_scaler),
+        "max_accuracy": max_accuracy,
+        "test_acc1": acc1,  # tells reconcile_outputs whether this epoch is the best
+        "args": utils.to_plain(resolved),
+    }
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -1010,189 +1233,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         The last evaluation statistics (and ``max_accuracy`` when training).
     """
+    utils.setup_logging()
     resolved = argparse.Namespace(**vars(args))  # the flags as given, for args.yaml and checkpoints
-    validate_args(args)  # every flag, before the process group, the data and the model
-    device = resolve_device(args.device)  # before the process group: a bad device is one error line per rank
-    utils.init_distributed_mode(args)
-    amp_dtype = resolve_amp_dtype(args, device)
-    print(f"device: {device}, world size: {utils.get_world_size()}, amp: {amp_dtype or 'off'}")
-    seed_everything(args.seed + utils.get_rank())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and utils.is_main_process():
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --output_dir {output_dir}: {e.strerror or e}") from None
-        for tmp in utils.remove_stale_temp_files(output_dir, OUTPUT_FILES):
-            print(f"Removed {tmp}, left by a run killed while saving")
-        write_args_yaml(resolved, output_dir / "args.yaml")
-
-    # Checkpoints are read and checked before the data and the model are built: a wrong file fails in seconds.
-    resume_ckpt = utils.load_checkpoint(args.resume) if args.resume else None
-    if resume_ckpt is not None:
-        check_resume_checkpoint(resume_ckpt, args.resume)
-    finetune_ckpt = utils.load_checkpoint(args.finetune) if args.finetune and not args.eval else None
-    if finetune_ckpt is not None:
-        check_state_dict(finetune_ckpt.get("model", finetune_ckpt), args.finetune)
-    dataset_train, nb_classes = build_dataset(True, args)
-    dataset_val, _ = build_dataset(False, args, class_to_idx=getattr(dataset_train, "class_to_idx", None))
-    args.nb_classes = nb_classes
-    print(f"data: {len(dataset_train)} train / {len(dataset_val)} val images, {nb_classes} classes")
-    loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
-
-    mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
-    if mixup_active:
-        mixup_fn = Mixup(
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            mode=args.mixup_mode,
-            label_smoothing=args.smoothing,
-            num_classes=nb_classes,
-        )
-
-    print(f"Creating model: {args.model}")
-    model = build_model(args, nb_classes)
-    if args.distillation_type != "none" and hasattr(model, "set_distilled_training"):
-        model.set_distilled_training(True)  # timm's distilled DeiT returns (cls, dist) logits in train mode
-    if args.finetune and not args.eval:
-        if args.distillation_type != "none":
-            raise UserError("finetuning with distillation is not supported")
-        load_finetune_weights(model, args.finetune, finetune_ckpt, args.model)
-        finetune_ckpt = None
-    model.to(device)
-    model_without_ddp = model
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV2(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
-
-    run_model: nn.Module = model
-    if args.compile:
-        run_model = torch.compile(run_model)
-    if args.distributed:
-        device_ids = [args.gpu] if device.type == "cuda" else None
-        run_model = nn.parallel.DistributedDataParallel(run_model, device_ids=device_ids)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f"number of params: {n_parameters}")
-
-    opt_args = argparse.Namespace(**vars(args))
-    opt_args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0  # DeiT's linear scaling rule
-    print(f"lr: {args.lr} scaled to {opt_args.lr:.3e} (batch {args.batch_size} x {utils.get_world_size()} / 512)")
-    try:
-        optimizer = create_optimizer(opt_args, model_without_ddp)
-    except (ImportError, AssertionError) as e:  # apex / bitsandbytes optimizers: package or CUDA missing
-        raise UserError(f"--opt {args.opt} is not available here: {e}") from None
-    loss_scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    lr_scheduler, _ = create_scheduler(opt_args, optimizer)
-
-    if mixup_active:
-        base_criterion: nn.Module = SoftTargetCrossEntropy()  # smoothing is folded into the mixup targets
-    elif args.smoothing:
-        base_criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        base_criterion = nn.CrossEntropyLoss()
-    teacher = None
-    if args.distillation_type != "none" and not args.eval:
-        teacher = build_teacher(args, nb_classes, device)
-    criterion = DistillationLoss(
-        base_criterion, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau
-    )
-
-    max_accuracy = 0.0
-    if resume_ckpt is not None:
-        ckpt, resume_ckpt = resume_ckpt, None
-        load_model_state(model_without_ddp, ckpt["model"], args.resume, args.model)
-        if not args.eval and ckpt.get("optimizer") is not None and "epoch" in ckpt:
-            load_optimizer_state(optimizer, ckpt["optimizer"], args.resume, args)
-            if ckpt.get("lr_scheduler"):
-                lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            args.start_epoch = int(ckpt["epoch"]) + 1
-            if model_ema is not None and ckpt.get("model_ema"):
-                load_model_state(model_ema.module, ckpt["model_ema"], args.resume + " (model_ema)", args.model)
-            if loss_scaler is not None and ckpt.get("scaler"):
-                loss_scaler.load_state_dict(ckpt["scaler"])
-            max_accuracy = float(ckpt.get("max_accuracy", 0.0))
-            if output_dir is not None and utils.is_main_process() and _same_file(Path(args.resume).parent, output_dir):
-                max_accuracy = reconcile_outputs(output_dir, ckpt, Path(args.resume))  # after a kill, see above
-            print(f"Resumed from {args.resume}: continuing at epoch {args.start_epoch}")
-        del ckpt
-
-    eval_sync = args.dist_eval or not args.distributed
+    run = setup_run(args, resolved)
+    resume_ckpt, finetune_state = read_checkpoints(args)
+    data = build_data(args)
+    built = build_models(args, run.device, data.num_classes, finetune_state)
+    optim = build_optimization(args, built.model, run, data.num_classes)
+    max_accuracy = resume_from(args, resume_ckpt, built, optim, run.output_dir) if resume_ckpt is not None else 0.0
+    del resume_ckpt, finetune_state  # loaded: do not keep a second copy of the weights through training
     if args.eval:
-        test_stats = evaluate(loader_val, run_model, device, amp_dtype, args.print_freq, sync=eval_sync)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return test_stats
-
-    tb = TensorBoardLogger(args.log_dir or args.output_dir, args.tb_log_freq, len(loader_train))
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    test_stats: dict[str, float] = {}
-    try:
-        for epoch in range(args.start_epoch, args.epochs):
-            if hasattr(sampler_train, "set_epoch"):
-                sampler_train.set_epoch(epoch)
-            lr_scheduler.step(epoch)  # epoch e trains at lr(e), also right after a resume
-            tb.epoch = epoch
-            train_stats = train_one_epoch(
-                run_model,
-                criterion,
-                loader_train,
-                optimizer,
-                device,
-                epoch,
-                loss_scaler,
-                amp_dtype=amp_dtype,
-                max_norm=args.clip_grad,
-                model_ema=model_ema,
-                mixup_fn=mixup_fn,
-                print_freq=args.print_freq,
-                step_hook=tb.step,
-            )
-            test_stats = evaluate(loader_val, run_model, device, amp_dtype, args.print_freq, sync=eval_sync)
-            print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-            first_best = output_dir is not None and not (output_dir / "best_checkpoint.pth").exists()
-            improved = test_stats["acc1"] > max_accuracy or first_best  # a best checkpoint exists even at 0%
-            max_accuracy = max(max_accuracy, test_stats["acc1"])
-            print(f"Max accuracy: {max_accuracy:.2f}%")
-
-            log_stats = {
-                **{f"train_{k}": v for k, v in train_stats.items()},
-                **{f"test_{k}": v for k, v in test_stats.items()},
-                "epoch": epoch,
-                "n_parameters": n_parameters,
-                "max_accuracy": max_accuracy,
-            }
-            tb.epoch_end(epoch, log_stats)
-            if output_dir is not None:
-                state = {
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": utils.to_plain(lr_scheduler.state_dict()),
-                    "epoch": epoch,
-                    "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                    "scaler": scaler_state(loss_scaler),
-                    "max_accuracy": max_accuracy,
-                    "test_acc1": test_stats["acc1"],  # tells reconcile_outputs whether this epoch is the best
-                    "args": utils.to_plain(resolved),
-                }
-                if utils.is_main_process():
-                    save_epoch_outputs(output_dir, state, log_stats, improved)  # crash-safe order, see above
-    finally:
-        tb.close()
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"Training time {total_time}")
-    return {**test_stats, "max_accuracy": max_accuracy}
+        return evaluate_model(args, run, data, built)
+    return train(args, resolved, run, data, built, optim, max_accuracy)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: runs ``main`` and turns user errors into ``error: ...`` and an exit code."""
+    """Command-line entry point: runs ``main`` and turns errors into one ``error: ...`` line and an exit code.
+
+    Exit code 2 for what the user can fix (``UserError``, which ``models.CheckpointError`` is), 1 for a run that
+    cannot go on (``TrainingError``).
+    """
     try:
         args = parse_args(argv)
         main(args)  # validates the flags first, then creates --output_dir (rank 0)

@@ -1,12 +1,22 @@
-"""Fetching, reading and verifying checkpoints: pretrained weights, and the URLs ``main.py`` is given.
+"""Checkpoints, one path for all of them: fetch, read, verify and adapt, then load into a model.
 
-http(s) checkpoints are downloaded (with timeouts, see :func:`download_checkpoint`) into torch.hub's cache
-(``torch.hub.get_dir()/checkpoints``, or timm's ``cache_dir``) under a folder named by a hash of the URL, read with
-``torch.load(weights_only=True)``, checked key by key and shape by shape against the model, and loaded strictly
-(:func:`load_pretrained`, which :mod:`rpe_models` builds its pretrained models with; ``utils.load_checkpoint`` uses
-:func:`fetch_checkpoint`). Two adaptations follow from the constructor arguments: ``pos_embed`` is resampled when the
-model is built for another ``img_size``, and the classifier head(s) keep their fresh initialisation when
-``num_classes`` differs from the checkpoint's.
+Pretrained weights (:func:`load_pretrained`, which :mod:`rpe_models` builds its pretrained models with) and the
+checkpoints of ``main.py``'s ``--resume``, ``--finetune`` and ``--teacher-path`` all go through these steps:
+
+1. fetch (:func:`fetch_checkpoint`): a local path or ``file://`` URL is used in place; an http(s) URL is downloaded
+   (with timeouts, see :func:`download_checkpoint`) into torch.hub's cache (``torch.hub.get_dir()/checkpoints``, or
+   timm's ``cache_dir``) under a folder named by a hash of the URL; other URL schemes are refused (:func:`is_url`
+   is the one URL rule);
+2. read (:func:`load_checkpoint`): ``torch.load(weights_only=True)``; :func:`checkpoint_state_dict` takes the model
+   state out and checks that it maps names to tensors;
+3. adapt (:func:`adapt_state_dict`, pretrained weights and ``--finetune`` only): the model's own timm
+   ``checkpoint_filter_fn`` (``pos_embed`` resampled to the model's patch grid), and classifier heads of another
+   number of classes replaced by the model's fresh ones;
+4. verify and load (:func:`load_state_dict`): key by key and shape by shape against the model, strictly, or for
+   ``--finetune`` skipping the weights one side lacks.
+
+Every failure raises :class:`CheckpointError`, one line naming the file or URL; it is a ``utils.UserError``, which
+``main.py`` prints as ``error: ...`` with exit code 2.
 
 The models themselves are registered in timm by :mod:`rpe_models` (the iRPE models); the plain DeiT baselines are
 timm's own ``deit_*`` models, whose layout is the DeiT release's.
@@ -14,40 +24,48 @@ timm's own ``deit_*`` models, whose layout is the DeiT release's.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import http.client
 import json
+import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-if TYPE_CHECKING:
-    from rpe_vision_transformer import VisionTransformer
+from utils import UserError
 
 __all__ = [
+    "CHECKPOINT_SAFE_GLOBALS",
+    "CheckpointError",
     "NoReleasedWeightsError",
     "PretrainedWeightsError",
     "adapt_state_dict",
     "checkpoint_cache_dir",
+    "checkpoint_state_dict",
     "fetch_checkpoint",
+    "is_url",
+    "load_checkpoint",
     "load_pretrained",
+    "load_state_dict",
     "read_checkpoint",
-    "read_state_dict",
     "state_dict_mismatch",
 ]
+
+_logger = logging.getLogger(__name__)
 
 # Downloads: only these URL schemes are fetched (other URLs are refused up front; file:// URLs are local paths).
 DOWNLOAD_SCHEMES = ("http", "https")
@@ -58,17 +76,35 @@ DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 MIN_DOWNLOAD_RATE = 1024
 _DOWNLOAD_CHUNK = 1 << 20
 
+# Classes that ``weights_only`` loading may rebuild besides tensors and plain data: DeiT's ``main.py`` (and so the
+# original iRPE's) saves its flags as ``checkpoint['args'] = args``, an ``argparse.Namespace``, which holds plain data
+# and runs no code when rebuilt.
+CHECKPOINT_SAFE_GLOBALS: list[type] = [argparse.Namespace]
 
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be downloaded, read or matched to the model."""
+# Key prefixes of a state dict saved from a wrapped model: DistributedDataParallel's and torch.compile's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys listed in an error message before "..." (the count is always given).
+_SHOWN_KEYS = 8
 
 
-class NoReleasedWeightsError(PretrainedWeightsError, ValueError):
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be fetched, read or matched to the model (one line, naming the file or URL).
+
+    A ``utils.UserError`` (``main.py`` prints it as ``error: ...``, exit code 2) and a ``RuntimeError`` (what timm's
+    own loading raises, and what code around ``timm.create_model(..., pretrained=True)`` catches).
+    """
+
+
+# The name pretrained-weight failures have been raised under (rpe_models, torch.hub users): the same class.
+PretrainedWeightsError = CheckpointError
+
+
+class NoReleasedWeightsError(CheckpointError, ValueError):
     """``pretrained=True`` for a model that has no released checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Fetching, reading and verifying checkpoints.
+# Fetching and reading.
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -88,7 +124,7 @@ def local_checkpoint_path(location: str | os.PathLike) -> Path | None:
     """The file a local ``location`` names (a path or a ``file://`` URL), or None for an http(s) URL.
 
     Raises:
-        PretrainedWeightsError: a URL of another scheme (``ftp://``, ``s3://``, ...), refused before any connection.
+        CheckpointError: a URL of another scheme (``ftp://``, ``s3://``, ...), refused before any connection.
     """
     if not is_url(location):
         return Path(location).expanduser()
@@ -97,7 +133,7 @@ def local_checkpoint_path(location: str | os.PathLike) -> Path | None:
     if scheme == "file":
         return Path(urllib.request.url2pathname(parts.path))
     if scheme not in DOWNLOAD_SCHEMES:
-        raise PretrainedWeightsError(
+        raise CheckpointError(
             f"cannot fetch {location}: only http:// and https:// URLs are downloaded (and local paths or file:// URLs "
             f"read in place), not {scheme}://; copy the file locally and give its path"
         )
@@ -108,7 +144,7 @@ def download_timeout() -> float:
     """The download timeout in seconds: ``$IRPE_DOWNLOAD_TIMEOUT``, else :data:`DEFAULT_DOWNLOAD_TIMEOUT`.
 
     Raises:
-        PretrainedWeightsError: the variable is set to something other than a positive number.
+        CheckpointError: the variable is set to something other than a positive number.
     """
     text = os.environ.get(DOWNLOAD_TIMEOUT_ENV, "").strip()
     if not text:
@@ -118,7 +154,7 @@ def download_timeout() -> float:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise PretrainedWeightsError(f"{DOWNLOAD_TIMEOUT_ENV}={text!r} must be a positive number of seconds")
+        raise CheckpointError(f"{DOWNLOAD_TIMEOUT_ENV}={text!r} must be a positive number of seconds")
     return value
 
 
@@ -165,7 +201,7 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
 
 
 class _DownloadError(Exception):
-    """Why a download was abandoned (turned into a :class:`PretrainedWeightsError` naming URL, timeout and cache)."""
+    """Why a download was abandoned (turned into a :class:`CheckpointError` naming URL, timeout and cache)."""
 
 
 def _load_error_reason(err: Exception) -> str:
@@ -178,13 +214,10 @@ def _load_error_reason(err: Exception) -> str:
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, weights_only=True)`` onto the CPU: how downloads, weights and ``utils.load_checkpoint`` read.
+    """``torch.load(path, weights_only=True)`` onto the CPU: how every checkpoint and download is read.
 
-    Besides tensors and plain data it rebuilds only :data:`utils.CHECKPOINT_SAFE_GLOBALS` (DeiT's checkpoints hold
-    their flags as an ``argparse.Namespace``).
+    Besides tensors and plain data it rebuilds only :data:`CHECKPOINT_SAFE_GLOBALS`.
     """
-    from utils import CHECKPOINT_SAFE_GLOBALS
-
     with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -251,7 +284,7 @@ def download_checkpoint(
             and download it again if so; otherwise a cached ``path`` is used without contacting the server.
 
     Raises:
-        PretrainedWeightsError: HTTP error, network error or timeout, short or corrupt body, hash mismatch; the
+        CheckpointError: HTTP error, network error or timeout, short or corrupt body, hash mismatch; the
             message names the URL, the timeout and the cache file.
     """
     cached = path.is_file()
@@ -297,7 +330,7 @@ def download_checkpoint(
             where = f"the copy downloaded earlier, {path}, was kept (give that path to use it anyway)"
         else:
             where = f"nothing was cached (cache file: {path})"
-        raise PretrainedWeightsError(f"could not download {url}: {reason} ({limits}); {where}") from err
+        raise CheckpointError(f"could not download {url}: {reason} ({limits}); {where}") from err
     finally:
         tmp.unlink(missing_ok=True)
         if not path.exists():
@@ -333,12 +366,12 @@ def fetch_checkpoint(
         revalidate: ask the server whether a cached download is still current (see :func:`download_checkpoint`).
 
     Raises:
-        PretrainedWeightsError: missing local file, unsupported URL scheme, or failed download.
+        CheckpointError: missing local file, unsupported URL scheme, or failed download.
     """
     path = local_checkpoint_path(location)
     if path is not None:
         if not path.is_file():
-            raise PretrainedWeightsError(f"no checkpoint file at {path}")
+            raise CheckpointError(f"no checkpoint file at {path}")
         return path
     url = str(location)
     path = cached_download_path(url, checkpoint_cache_dir(cache_dir))
@@ -357,7 +390,7 @@ def read_checkpoint(path: Path, *, location: str | os.PathLike | None = None) ->
         location: where it came from; when that is an http(s) URL, ``path`` is a cached download.
 
     Raises:
-        PretrainedWeightsError: unreadable file (truncated, not a torch checkpoint, unsafe pickle). A cached download
+        CheckpointError: unreadable file (truncated, not a torch checkpoint, unsafe pickle). A cached download
             is deleted, so that the next attempt fetches it again; any other file is the user's and is left alone.
     """
     try:
@@ -371,45 +404,147 @@ def read_checkpoint(path: Path, *, location: str | os.PathLike | None = None) ->
         else:
             advice = "it is read in place (not a download) and was left as it is: replace it with a complete copy"
         reason = _load_error_reason(err)
-        raise PretrainedWeightsError(f"{path} is not a readable checkpoint ({reason}); {advice}") from err
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason}); {advice}") from err
 
 
-def read_state_dict(path: Path, *, location: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The model state of a checkpoint file: ``checkpoint['model']``, or the file itself if it is a flat state dict.
+def load_checkpoint(
+    location: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    check_hash: bool = False,
+    progress: bool = True,
+    revalidate: bool = False,
+) -> dict[str, Any]:
+    """Fetch and read a checkpoint: the dict saved in the file at ``location`` (path, ``file://`` or http(s) URL).
+
+    Args:
+        location: where the checkpoint is (see :func:`fetch_checkpoint`).
+        cache_dir: download directory (default: torch.hub's ``checkpoints`` directory).
+        check_hash: verify the SHA-256 prefix that the file name carries (``<name>-<hex>.pth``).
+        progress: show a download progress bar.
+        revalidate: ask the server whether a cached download is still current: ``main.py`` does, as a run's
+            ``checkpoint.pth`` changes every epoch; released weights do not change.
 
     Raises:
-        PretrainedWeightsError: unreadable file (see :func:`read_checkpoint`) or no state dict.
+        CheckpointError: the file cannot be fetched or read, or holds something other than a dict.
     """
+    path = fetch_checkpoint(
+        location, cache_dir=cache_dir, check_hash=check_hash, progress=progress, revalidate=revalidate
+    )
     checkpoint = read_checkpoint(path, location=location)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PretrainedWeightsError(f"{path} holds no state dict (expected {{'model': state_dict}})")
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {location} is not a dict (got {type(checkpoint).__name__})")
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Verifying and adapting.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_state_dict(
+    checkpoint: Mapping[str, Any], source: str | os.PathLike, entry: str = "model", *, required: bool = False
+) -> dict[str, torch.Tensor]:
+    """The state dict held in ``checkpoint[entry]``, checked to map parameter names to tensors.
+
+    Without that entry (and unless ``required``), a timm-style ``checkpoint['state_dict']`` or the checkpoint itself
+    (a bare ``model.state_dict()``) is taken.
+
+    Raises:
+        CheckpointError: the entry is missing (``required``) or holds anything but names mapped to tensors.
+    """
+    if entry in checkpoint:
+        state = checkpoint[entry]
+    elif required:
+        keys = ", ".join(map(str, list(checkpoint)[:_SHOWN_KEYS]))
+        raise CheckpointError(f"checkpoint {source} has no {entry!r} entry (keys: {keys})")
+    else:
+        state = checkpoint.get("state_dict", checkpoint)
+    where = f"checkpoint {source}: {entry!r}"
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{where} must map parameter names to tensors, got a {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{where} must map parameter names to tensors, but {key!r} holds a {type(value).__name__}"
+                " (is it a checkpoint written by main.py or a state_dict()?)"
+            )
     return dict(state)
 
 
-def adapt_state_dict(model: VisionTransformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the key prefixes of :data:`_WRAPPER_PREFIXES` removed (DDP's ``module.``, compile's)."""
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def _checkpoint_filter_fn(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn.Module], Any] | None:
+    """The timm ``checkpoint_filter_fn`` of ``model``: that of the module defining its class or a base class.
+
+    timm gives every model family one in its module (``timm.models.vision_transformer.checkpoint_filter_fn`` for
+    ViT, DeiT and, through their base class, the iRPE models); it converts older layouts and resamples
+    ``pos_embed`` (and the patch embedding) to the model's size.
+    """
+    for cls in type(model).__mro__:
+        filter_fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
+        if callable(filter_fn):
+            return filter_fn
+    return None
+
+
+def _classifier_names(model: nn.Module) -> list[str]:
+    """The classifier heads of ``model``: its pretrained cfg's ``classifier`` plus DeiT's ``head``/``head_dist``."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    return list(dict.fromkeys([*names, "head", "head_dist"]))
+
+
+def adapt_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fit a checkpoint to the constructor arguments of ``model`` (a new dict; ``state`` is left alone).
 
-    * ``pos_embed`` of a square grid is resampled (bicubic) to the patch grid of ``model`` if it differs;
-    * classifier heads whose number of classes differs are replaced by the model's own (fresh) ones.
+    * the model's timm ``checkpoint_filter_fn`` runs (see :func:`_checkpoint_filter_fn`): ``pos_embed`` is resampled
+      to the patch grid of ``model`` (built for another ``img_size``);
+    * classifier heads whose number of classes differs are replaced by the model's own freshly initialised ones
+      (another ``num_classes``), and logged.
+
+    Raises:
+        RuntimeError, ValueError: the filter cannot convert ``state`` (:func:`load_state_dict` reports it).
     """
-    state = dict(state)
+    state = _strip_wrapper_prefixes(state)
+    filter_fn = _checkpoint_filter_fn(model)
+    if filter_fn is not None:
+        state = dict(filter_fn(state, model))
     own = model.state_dict()
-    pos = state.get("pos_embed")
-    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
-        num_patches = pos.shape[1] - model.num_prefix_tokens
-        side = math.isqrt(max(num_patches, 0))
-        if side * side == num_patches:
-            state["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=list(model.patch_grid), old_size=[side, side], num_prefix_tokens=model.num_prefix_tokens
-            )
-    for head in ("head", "head_dist"):
-        weight = state.get(f"{head}.weight")
-        own_weight = own.get(f"{head}.weight")
-        if weight is not None and own_weight is not None and weight.shape[0] != own_weight.shape[0]:
-            state[f"{head}.weight"] = own_weight
-            state[f"{head}.bias"] = own[f"{head}.bias"]
+    for head in _classifier_names(model):
+        weight, own_weight = state.get(f"{head}.weight"), own.get(f"{head}.weight")
+        if weight is None or own_weight is None or weight.shape[0] == own_weight.shape[0]:
+            continue
+        _logger.info(
+            f"Not loading {head}.weight/bias: {weight.shape[0]} classes in the checkpoint, {own_weight.shape[0]} in "
+            "the model (the head keeps its fresh initialisation)"
+        )
+        for key in (f"{head}.weight", f"{head}.bias"):
+            if key in own:
+                state[key] = own[key]
     return state
+
+
+def _show(keys: list[str]) -> str:
+    """The first :data:`_SHOWN_KEYS` of ``keys``, comma-separated, with ``...`` when there are more."""
+    return ", ".join(keys[:_SHOWN_KEYS]) + (", ..." if len(keys) > _SHOWN_KEYS else "")
+
+
+def _shape_mismatches(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """``<key>: checkpoint (shape) vs model (shape)`` for every key both hold with different shapes."""
+    return [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and tuple(value.shape) != tuple(own[key].shape)
+    ]
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -419,39 +554,96 @@ def state_dict_mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        problems.append(f"missing keys ({len(missing)}): {_show(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    for key, value in state.items():
-        if key in own and tuple(value.shape) != tuple(own[key].shape):
-            problems.append(f"shape of {key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {_show(unexpected)}")
+    shapes = _shape_mismatches(own, state)
+    problems += [f"shape of {shape}" for shape in shapes[:_SHOWN_KEYS]]
+    if len(shapes) > _SHOWN_KEYS:
+        problems.append(f"... ({len(shapes)} shapes differ in all)")
     return problems
 
 
+def model_name(model: nn.Module) -> str:
+    """The timm name ``model`` was created under (its pretrained cfg's ``architecture``), else its class name."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
+def load_state_dict(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    *,
+    name: str | None = None,
+    adapt: bool = False,
+    strict: bool = True,
+) -> nn.modules.module._IncompatibleKeys:
+    """Verify ``state`` against ``model`` and load it: the one place where a checkpoint meets a model.
+
+    Key prefixes of wrapped models (DDP, ``torch.compile``) are removed first.
+
+    Args:
+        model: the model to load into.
+        state: its weights (from :func:`checkpoint_state_dict`).
+        source: where they came from, for messages.
+        name: the model's name, for messages (default: :func:`model_name`).
+        adapt: fit the weights to the model first (:func:`adapt_state_dict`): pretrained weights and finetuning.
+        strict: every key of the model and of ``state`` must match in name and shape (pretrained weights,
+            ``--resume``, ``--teacher-path``). Otherwise (``--finetune``) keys one side lacks are skipped (e.g. the
+            iRPE tables when starting from a DeiT checkpoint), but at least one must match and shapes must agree.
+
+    Returns:
+        The keys skipped (``missing_keys``: the model's, ``unexpected_keys``: the checkpoint's); empty when strict.
+
+    Raises:
+        CheckpointError: the weights do not fit the model (names the differing keys), or cannot be adapted.
+    """
+    name = name or model_name(model)
+    if adapt:
+        try:
+            state = adapt_state_dict(model, state)
+        except (RuntimeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {source}: cannot adapt it to {name}: {err}") from None
+    else:
+        state = _strip_wrapper_prefixes(state)
+    if strict:
+        problems = state_dict_mismatch(model, state)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {source} does not match model {name} (is it from another model?): " + "; ".join(problems)
+            )
+        return model.load_state_dict(state, strict=True)
+    own = model.state_dict()
+    if not any(key in own for key in state):
+        raise CheckpointError(
+            f"checkpoint {source}: none of its {len(state)} weights (e.g. {', '.join(list(state)[:3])}) is a weight of "
+            f"{name}: it is from another architecture; use a checkpoint of a ViT/DeiT model"
+        )
+    shapes = _shape_mismatches(own, state)
+    if shapes:
+        raise CheckpointError(
+            f"checkpoint {source}: {len(shapes)} weight shapes differ from {name}: {_show(shapes)}; only the head and "
+            "the position embedding are adapted, so use a checkpoint of the same model size"
+        )
+    return model.load_state_dict(state, strict=False)
+
+
 def load_pretrained(
-    model: VisionTransformer,
+    model: nn.Module,
     location: str | os.PathLike,
     *,
     cache_dir: str | os.PathLike | None = None,
     check_hash: bool = False,
     progress: bool = True,
 ) -> None:
-    """Fetch, read, verify (keys and shapes) and strictly load a checkpoint into ``model``.
+    """Fetch, read, adapt, verify (keys and shapes) and strictly load pretrained weights into ``model``.
 
     Raises:
-        PretrainedWeightsError: the checkpoint cannot be fetched or read, or does not match the model.
+        CheckpointError: the checkpoint cannot be fetched or read, or does not match the model; the message ends with
+            what to do instead (local weights, a mirror).
     """
     try:
-        path = fetch_checkpoint(location, cache_dir=cache_dir, check_hash=check_hash, progress=progress)
-        state = adapt_state_dict(model, read_state_dict(path, location=location))
-    except PretrainedWeightsError as err:
-        raise PretrainedWeightsError(f"{err} {_help_text(location, checkpoint_cache_dir(cache_dir))}") from err
-    problems = state_dict_mismatch(model, state)
-    if problems:
-        raise PretrainedWeightsError(
-            f"the checkpoint {path} does not match {type(model).__name__}: "
-            + "; ".join(problems)
-            + " "
-            + _help_text(location, checkpoint_cache_dir(cache_dir))
-        )
-    model.load_state_dict(state, strict=True)
+        checkpoint = load_checkpoint(location, cache_dir=cache_dir, check_hash=check_hash, progress=progress)
+        load_state_dict(model, checkpoint_state_dict(checkpoint, location), location, adapt=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} {_help_text(location, checkpoint_cache_dir(cache_dir))}") from err

@@ -13,6 +13,7 @@ through a file in the shared job folder. On preemption or timeout the job is req
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import uuid
@@ -22,8 +23,11 @@ from typing import Any
 import main as trainer_main
 import utils
 
+_logger = logging.getLogger(__name__)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``main.py``'s flags (``--config`` defaults included) plus the job's shape and SLURM options."""
     parser = argparse.ArgumentParser("Submitit for DeiT / iRPE", parents=[trainer_main.get_args_parser()])
     parser.add_argument("--ngpus", default=8, type=int, help="GPUs (tasks) per node")
     parser.add_argument("--nodes", default=2, type=int, help="number of nodes")
@@ -69,8 +73,9 @@ class Trainer:
         import submitit
 
         env = submitit.JobEnvironment()
+        utils.setup_logging(env.global_rank)  # main.main sets it up again, the same way
         self.args.output_dir = str(self.args.job_dir).replace("%j", str(env.job_id))
-        print(f"Process group: {env.num_tasks} tasks, rank: {env.global_rank}")
+        _logger.info(f"Process group: {env.num_tasks} tasks, rank: {env.global_rank}")
         try:
             return trainer_main.main(self.args)
         except utils.UserError as e:
@@ -85,11 +90,13 @@ class Trainer:
         ckpt = Path(self.args.output_dir) / "checkpoint.pth"
         if ckpt.exists():
             self.args.resume = str(ckpt)
-        print("Requeuing", self.args)
+        _logger.info(f"Requeuing {self.args}")
         return submitit.helpers.DelayedSubmission(type(self)(self.args))
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry point: submits the job, or prints ``error: ...`` and returns 2."""
+    utils.setup_logging(0)
     try:
         args = parse_args(argv)
         try:
@@ -126,7 +133,7 @@ def cli(argv: list[str] | None = None) -> int:
     except utils.UserError as e:
         utils.eprint(f"error: {utils.user_message(e)}")
         return 2
-    print(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    _logger.info(f"Submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
     return 0
 
 

@@ -1,15 +1,16 @@
-"""Training utilities: metric logging with ETA, distributed set-up, atomic checkpoints and user-facing errors.
+"""Training utilities: logging, metric logging with ETA, distributed set-up, atomic writes and user-facing errors.
 
-The layout follows DeiT's ``utils.py`` (a ``MetricLogger`` of ``SmoothedValue`` meters, ``init_distributed_mode``,
-``save_on_master``), rewritten to run the same on CPU (Gloo) and GPU (NCCL), to write checkpoints atomically and to
-keep them loadable with ``torch.load(..., weights_only=True)``.
+The layout follows DeiT's ``utils.py`` (a ``MetricLogger`` of ``SmoothedValue`` meters, ``init_distributed_mode``),
+rewritten to run the same on CPU (Gloo) and GPU (NCCL) and to write checkpoints atomically. Output goes through the
+``logging`` module, as in timm (a module-level ``_logger`` per module); :func:`setup_logging` sends INFO to stdout on
+rank 0 only, where DeiT replaced ``builtins.print`` on the other ranks.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import datetime
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+_logger = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -123,7 +126,7 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """A set of named ``SmoothedValue`` meters and a ``log_every`` iterator printing progress lines with an ETA.
+    """A set of named ``SmoothedValue`` meters and a ``log_every`` iterator logging progress lines with an ETA.
 
     Args:
         delimiter: Separator between meters in progress lines.
@@ -161,7 +164,7 @@ class MetricLogger:
             self.meters[name].synchronize_between_processes()
 
     def log_every(self, iterable: Iterable[T], print_freq: int, header: str = "") -> Iterator[T]:
-        """Yields from ``iterable`` and prints a progress line every ``print_freq`` steps and at the last one.
+        """Yields from ``iterable`` and logs a progress line every ``print_freq`` steps and at the last one.
 
         Lines show the step, the ETA of the loop, the meters, the time per step and the data-loading time.
         """
@@ -184,10 +187,10 @@ class MetricLogger:
                 parts.append(f"data: {data_time}")
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
-                print(self.delimiter.join(p for p in parts if p), flush=True)
+                _logger.info(self.delimiter.join(p for p in parts if p))
             end = time.time()
         total_time = datetime.timedelta(seconds=int(time.time() - start))
-        print(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+        _logger.info(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,20 +213,8 @@ def get_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """Whether this process writes files and prints progress."""
+    """Whether this process writes files and logs progress."""
     return get_rank() == 0
-
-
-def setup_for_distributed(is_master: bool) -> None:
-    """Silences ``print`` on non-master ranks unless called with ``force=True``."""
-    builtin_print = builtins.print
-
-    def print_(*args: Any, **kwargs: Any) -> None:
-        force = kwargs.pop("force", False)
-        if is_master or force:
-            builtin_print(*args, **kwargs)
-
-    builtins.print = print_
 
 
 def distributed_env() -> tuple[int, int, int] | None:
@@ -240,6 +231,12 @@ def distributed_env() -> tuple[int, int, int] | None:
     return None
 
 
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not launched): known before the process group."""
+    found = distributed_env()
+    return found[0] if found is not None else 0
+
+
 def init_distributed_mode(args: argparse.Namespace) -> None:
     """Initializes the process group when launched by a distributed launcher; sets ``args.distributed`` and ranks.
 
@@ -248,7 +245,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     """
     found = distributed_env()
     if found is None:
-        print("Not using distributed mode")
+        _logger.info("Not using distributed mode")
         args.distributed = False
         args.rank, args.world_size, args.gpu = 0, 1, 0
         return
@@ -263,14 +260,13 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     backend = "nccl" if use_cuda else "gloo"
     if args.dist_url == "env://" and "MASTER_ADDR" not in os.environ:
         raise UserError("distributed launch without MASTER_ADDR/MASTER_PORT: set them or pass --dist_url")
-    print(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}", flush=True)
+    _logger.info(f"| distributed init (rank {args.rank}/{args.world_size}, {backend}): {args.dist_url}")
     dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: plain data and atomic writes
 
 
 def to_plain(obj: Any) -> Any:
@@ -461,41 +457,62 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
     kill_point(f"{path.name}:appended")
 
 
-def save_on_master(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Atomically saves ``obj`` to ``path`` from rank 0 only."""
-    if is_main_process():
-        atomic_torch_save(obj, path)
+# ----------------------------------------------------------------------------------------------------------------
+# Logging
 
 
-# Classes that ``weights_only`` loading may rebuild besides tensors and plain data: DeiT's ``main.py`` (and so the
-# original iRPE's) saves its flags as ``checkpoint['args'] = args``, an ``argparse.Namespace``, which holds plain data
-# and runs no code when rebuilt.
-CHECKPOINT_SAFE_GLOBALS: list[type] = [argparse.Namespace]
+class _StandardStreamHandler(logging.StreamHandler):
+    """A ``StreamHandler`` on ``sys.stdout`` or ``sys.stderr`` as they are at each record, not as they were at set-up.
 
-
-def load_checkpoint(source: str) -> dict[str, Any]:
-    """Loads a checkpoint from a local path or an http(s) URL with ``weights_only=True``.
-
-    URLs go through :func:`models.fetch_checkpoint`, as pretrained weights do: cached per URL, downloaded with
-    timeouts, and checked with the server (ETag/Last-Modified) each time, so a checkpoint replaced on the server is
-    downloaded again. The file is read by :func:`models.load_checkpoint_file` (:data:`CHECKPOINT_SAFE_GLOBALS`).
-
-    Raises:
-        UserError: if the file is missing, cannot be downloaded or is not a plain-data checkpoint.
+    So output follows a later redirection (pytest's ``capsys``, ``contextlib.redirect_stdout``) like ``print`` does.
     """
-    import models  # here, not at the top: models imports the model code, which the other utilities do not need
 
-    try:
-        path = models.fetch_checkpoint(source, revalidate=True)
-        ckpt = models.read_checkpoint(path, location=source)
-    except models.PretrainedWeightsError as e:
-        raise UserError(f"cannot load checkpoint {source}: {e}") from e
-    if not isinstance(ckpt, dict):
-        raise UserError(f"checkpoint {source} is not a dict (got {type(ckpt).__name__})")
-    return ckpt
+    def __init__(self, name: str) -> None:
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self) -> IO[str]:  # type: ignore[override]
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+class _LevelFormatter(logging.Formatter):
+    """``warning: <message>`` (the level in lower case), as the ``error:`` lines of :func:`eprint` read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
+def setup_logging(rank: int | None = None) -> None:
+    """Configures the root logger: INFO and above on rank 0, WARNING and above on the other ranks.
+
+    INFO lines go to stdout as bare messages (progress lines, the ``* Acc@1`` summary that scripts parse); warnings
+    and errors to stderr as ``warning: <message>``. timm's ``setup_default_logging`` would send everything to stderr.
+    Calling it again (runs of ``main.cli`` in one process) replaces the handlers it installed before.
+
+    Args:
+        rank: global rank of this process (default: :func:`launch_rank`, read from the launcher's environment).
+    """
+    rank = launch_rank() if rank is None else rank
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StandardStreamHandler)]:
+        root.removeHandler(handler)
+    stdout = _StandardStreamHandler("stdout")
+    stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    stderr = _StandardStreamHandler("stderr")
+    stderr.setLevel(logging.WARNING)
+    stderr.setFormatter(_LevelFormatter("%(message)s"))
+    root.addHandler(stdout)
+    root.addHandler(stderr)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def eprint(message: str) -> None:
-    """Prints ``message`` to stderr on every rank."""
+    """Prints ``message`` to stderr on every rank, whatever the log level: the ``error:`` lines of the scripts."""
     sys.stderr.write(message.rstrip("\n") + "\n")
     sys.stderr.flush()

@@ -1,4 +1,4 @@
-"""Checkpoint downloads (models.fetch_checkpoint, utils.load_checkpoint) against misbehaving servers on 127.0.0.1.
+"""Checkpoint downloads (models.fetch_checkpoint, models.load_checkpoint) against misbehaving servers on 127.0.0.1.
 
 The cache is keyed by the whole URL, a download becomes a cache file only when complete and loadable, every network
 call has a timeout (``IRPE_DOWNLOAD_TIMEOUT``, short here), only http(s) URLs are fetched, and local files are never
@@ -24,8 +24,7 @@ import torch
 
 import models
 import rpe_models
-import utils
-from models import PretrainedWeightsError
+from models import CheckpointError, PretrainedWeightsError
 from utils import UserError
 
 NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
@@ -33,6 +32,11 @@ SMALL = {"img_size": 32, "num_classes": 4, "depth": 1}
 TIMEOUT = "0.5"  # IRPE_DOWNLOAD_TIMEOUT for the tests of hanging servers
 
 Behaviour = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+def load_flag_checkpoint(location: str) -> dict:
+    """How main.py reads --resume, --finetune and --teacher-path: revalidating a cached download with the server."""
+    return models.load_checkpoint(location, revalidate=True, progress=False)
 
 
 @dataclass
@@ -110,8 +114,8 @@ def _cache_files(hub_dir: Path) -> list[str]:
 def test_same_file_name_at_two_urls_are_two_downloads(server: Server, hub_dir: Path) -> None:
     _save(server.root / "run1" / "checkpoint.pth", epoch=1)
     _save(server.root / "run2" / "checkpoint.pth", epoch=2)
-    assert utils.load_checkpoint(f"{server.url}/run1/checkpoint.pth")["epoch"] == 1
-    assert utils.load_checkpoint(f"{server.url}/run2/checkpoint.pth")["epoch"] == 2
+    assert load_flag_checkpoint(f"{server.url}/run1/checkpoint.pth")["epoch"] == 1
+    assert load_flag_checkpoint(f"{server.url}/run2/checkpoint.pth")["epoch"] == 2
     first = models.fetch_checkpoint(f"{server.url}/run1/checkpoint.pth", progress=False)
     second = models.fetch_checkpoint(f"{server.url}/run2/checkpoint.pth", progress=False)
     assert first != second and first.name == second.name == "checkpoint.pth", "the file name stays readable"
@@ -131,11 +135,11 @@ def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir:
     url = f"{server.url}/run/checkpoint.pth"
     _save(path, epoch=1)
     os.utime(path, (1_000_000_000, 1_000_000_000))
-    assert utils.load_checkpoint(url)["epoch"] == 1
-    assert utils.load_checkpoint(url)["epoch"] == 1
+    assert load_flag_checkpoint(url)["epoch"] == 1
+    assert load_flag_checkpoint(url)["epoch"] == 1
     assert "If-Modified-Since" in server.requests[-1][1], "the cached copy is checked with the server (304)"
     _save(path, epoch=2)  # the next epoch's checkpoint, written later
-    assert utils.load_checkpoint(url)["epoch"] == 2
+    assert load_flag_checkpoint(url)["epoch"] == 2
     # zoo weights (immutable releases) are used from the cache without asking the server
     count = len(server.requests)
     models.fetch_checkpoint(url, progress=False)
@@ -145,10 +149,10 @@ def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir:
 def test_revalidation_failure_keeps_and_names_the_earlier_copy(server: Server, hub_dir: Path) -> None:
     _save(server.root / "checkpoint.pth", epoch=1)
     url = f"{server.url}/checkpoint.pth"
-    utils.load_checkpoint(url)
+    load_flag_checkpoint(url)
     server.behaviours["/checkpoint.pth"] = lambda h: h.send_error(503, "down for maintenance")
     with pytest.raises(UserError, match="503") as info:
-        utils.load_checkpoint(url)
+        load_flag_checkpoint(url)
     cached = models.cached_download_path(url, hub_dir / "checkpoints")
     assert f"the copy downloaded earlier, {cached}, was kept" in str(info.value) and cached.is_file()
 
@@ -186,7 +190,7 @@ def test_bad_download_is_not_cached_and_retry_works(server: Server, hub_dir: Pat
     assert _cache_files(hub_dir) == [], "nothing cached, no temporary file left behind"
     server.behaviours.clear()  # the server is fixed
     path.write_bytes(data)
-    assert utils.load_checkpoint(url)["epoch"] == 3
+    assert load_flag_checkpoint(url)["epoch"] == 3
 
 
 def test_corrupted_cached_download_is_deleted_and_fetched_again(
@@ -242,7 +246,7 @@ def silent_port() -> Iterator[int]:
         sock.close()
 
 
-@pytest.mark.parametrize("entry", ["load_checkpoint", "zoo"])
+@pytest.mark.parametrize("entry", ["flag", "zoo"])
 @pytest.mark.parametrize("kind", ["never answers", "headers then silence", "trickles"])
 def test_hanging_server_times_out(
     server: Server, silent_port: int, hub_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str, entry: str
@@ -260,7 +264,7 @@ def test_hanging_server_times_out(
             timm.create_model(NAME, pretrained=True, **SMALL)
     else:
         with pytest.raises(UserError) as info:
-            utils.load_checkpoint(url)
+            load_flag_checkpoint(url)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert url in message and "timeout 0.5 s" in message and "IRPE_DOWNLOAD_TIMEOUT" in message
@@ -285,14 +289,14 @@ def test_slow_download_above_the_minimum_rate_succeeds(server: Server, monkeypat
     server.behaviours["/slow.pth"] = slow
     monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", TIMEOUT)
     start = time.monotonic()
-    assert utils.load_checkpoint(f"{server.url}/slow.pth")["epoch"] == 5
+    assert load_flag_checkpoint(f"{server.url}/slow.pth")["epoch"] == 5
     assert time.monotonic() - start > float(TIMEOUT)
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:21/zoo/", "s3://bucket/zoo/", "HTTPX://host/zoo/"])
 def test_other_url_schemes_are_refused_up_front(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="only http:// and https:// URLs are downloaded"):
-        utils.load_checkpoint(url + "checkpoint.pth")
+        load_flag_checkpoint(url + "checkpoint.pth")
     monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
     with pytest.raises(PretrainedWeightsError, match="only http:// and https://"):
         timm.create_model(NAME, pretrained=True, **SMALL)
@@ -307,14 +311,14 @@ def test_redirect_to_ftp_is_refused(server: Server) -> None:
 
     server.behaviours["/checkpoint.pth"] = redirect
     with pytest.raises(UserError, match="not an http\\(s\\) URL"):
-        utils.load_checkpoint(f"{server.url}/checkpoint.pth")
+        load_flag_checkpoint(f"{server.url}/checkpoint.pth")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
 def test_bad_timeout_setting(value: str, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", value)
     with pytest.raises(UserError, match="IRPE_DOWNLOAD_TIMEOUT=.* must be a positive number of seconds"):
-        utils.load_checkpoint(f"{server.url}/checkpoint.pth")
+        load_flag_checkpoint(f"{server.url}/checkpoint.pth")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -335,7 +339,7 @@ def test_truncated_local_checkpoint_is_left_alone(
             timm.create_model(NAME, pretrained=True, **SMALL)
     else:
         with pytest.raises(UserError) as info:
-            utils.load_checkpoint(path.as_uri() if given == "file URL" else str(path))
+            load_flag_checkpoint(path.as_uri() if given == "file URL" else str(path))
     message = str(info.value)
     assert f"{path} is not a readable checkpoint" in message and "left as it is" in message
     assert "delete" not in message and "fetched again" not in message
@@ -343,13 +347,13 @@ def test_truncated_local_checkpoint_is_left_alone(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 5. utils.load_checkpoint: the same fetch path, user errors only.
+# 5. main.py's checkpoints: the same fetch path, one-line errors of the one checkpoint error type.
 
 
 def test_load_checkpoint_reads_files_and_file_urls(tmp_path: Path) -> None:
     _save(tmp_path / "ckpt.pth", epoch=7)
-    assert utils.load_checkpoint(str(tmp_path / "ckpt.pth"))["epoch"] == 7
-    assert utils.load_checkpoint((tmp_path / "ckpt.pth").as_uri())["epoch"] == 7
+    assert load_flag_checkpoint(str(tmp_path / "ckpt.pth"))["epoch"] == 7
+    assert load_flag_checkpoint((tmp_path / "ckpt.pth").as_uri())["epoch"] == 7
 
 
 @pytest.mark.parametrize("case", ["missing file", "404", "not a dict", "unsafe pickle"])
@@ -364,7 +368,7 @@ def test_load_checkpoint_failures_are_one_line_user_errors(server: Server, tmp_p
     else:
         torch.save({"model": {}, "fn": functools.partial(print)}, tmp_path / "unsafe.pth")
         source, expected = str(tmp_path / "unsafe.pth"), "Unsupported global"
-    with pytest.raises(UserError, match=expected) as info:
-        utils.load_checkpoint(source)
-    assert not isinstance(info.value, PretrainedWeightsError) and "\n" not in str(info.value)
-    assert str(info.value).startswith(f"cannot load checkpoint {source}") or case == "not a dict"
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_flag_checkpoint(source)
+    assert isinstance(info.value, UserError) and CheckpointError is PretrainedWeightsError, "one error type"
+    assert "\n" not in str(info.value) and source in str(info.value)
