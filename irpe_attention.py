@@ -303,6 +303,11 @@ def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
     return True, ""
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
+
+
 def resolve_attn_impl(
     impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None, backend: str | None = None
 ) -> str:
@@ -323,8 +328,7 @@ def resolve_attn_impl(
     Raises:
         ValueError: an unknown ``impl``, or an explicit one that cannot run here (with the reason and what can).
     """
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
+    _check_impl(impl)
     backend = irpe.resolve_backend(backend)
     if impl == "auto":
         if dropout_p > 0:
@@ -418,8 +422,7 @@ def rpe_attention(
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
     if rpe_q is None and rpe_k is None and rpe_v is None and impl != "math":  # plain attention, dropout included
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
+        _check_impl(impl)
         return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     backend = irpe.resolve_backend(backend)
     path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device, backend)
