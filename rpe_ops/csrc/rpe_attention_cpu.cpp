@@ -89,11 +89,12 @@ inline float exp_nonpositive(float x) {
   return p * pow2;
 }
 
-// One logit term as the kernels read it, for the current (b, h): the bucket value of row r is rows[r * sr + bucket]
-// (sr = 0 for a bias on keys, whose rows are all the weight's row), the bucket of logit (i, j) is ids[i * Lk + j];
-// a transposed term's row is j, and its ids are already transposed and flat, ids[i * Lk + j] = j * nb + bucket (its
-// table always has sr = nb). In the backward, grad (rows x nb, contiguous) receives the bucket sums of the logits'
-// gradient.
+// One logit term as the kernels read it, for the current (b, h): the bias of logit (i, j) is
+// rows[i * sr + ids[i * Lk + j]]. A term on keys has sr = nb (its (Lq x nb) table) or sr = 0 (a bias: the weight's
+// row); a transposed term keeps its table transposed, (nb x Lk), with sr = 0 and ids[i * Lk + j] = index[j, i] * Lk
+// + j: row by row its lookups then walk the keys forwards through at most nb table rows, as a term on keys does
+// (reading the (Lk x nb) table instead costs a cache line per key). In the backward, grad (laid out as rows)
+// receives the bucket sums of the logits' gradient.
 template <typename scalar_t>
 struct TermView {
   const scalar_t* rows;
@@ -168,16 +169,13 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
   return sum;
 }
 
-// row[j] += bias(i, j) for every term on keys (a gather from one contiguous row of the term's table; the logits
-// come scaled from the block's product). Transposed terms are added block-wise (add_transposed_block).
+// row[j] += bias(i, j) for every term (a gather from one row of a term's table, or from its transposed table; the
+// logits come scaled from the block's product).
 template <typename scalar_t>
 inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                               int64_t i) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
-    if (term.transposed) {
-      continue;
-    }
     const int32_t* __restrict__ ix = term.ids + i * Lk;
     const scalar_t* __restrict__ trow = term.rows + i * term.sr;
     for (int64_t j = 0; j < Lk; ++j) {
@@ -191,53 +189,6 @@ RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, const TermView<float>* 
 }
 void add_bias_row(double* row, int64_t Lk, const TermView<double>* terms, int64_t n_terms, int64_t i) {
   add_bias_row_impl(row, Lk, terms, n_terms, i);
-}
-
-// Keys per tile of the transposed terms' loops: the tile's rows of the (Lk x nb) table take about 8 KiB, so they stay
-// in L1 while every row of the block visits them. Row by row, a transposed term reads one element from each of the
-// Lk table rows (a cache line per key): measured 3-4x slower than its term on keys at DeiT-S shapes (L = 197).
-template <typename scalar_t>
-int64_t key_tile(int64_t nb) {
-  return std::max<int64_t>(16, 8192 / (std::max<int64_t>(nb, 1) * static_cast<int64_t>(sizeof(scalar_t))));
-}
-
-// block[r, j] += table[offsets[r * Lk + j]] for the n rows of a block (offsets: a transposed term's flat ids of
-// those rows), in tiles of `tile` keys.
-template <typename scalar_t>
-inline void add_transposed_term_impl(scalar_t* __restrict__ block, int64_t n, int64_t Lk,
-                                     const scalar_t* __restrict__ table, const int32_t* __restrict__ offsets,
-                                     int64_t tile) {
-  for (int64_t j0 = 0; j0 < Lk; j0 += tile) {
-    const int64_t j1 = std::min(Lk, j0 + tile);
-    for (int64_t r = 0; r < n; ++r) {
-      scalar_t* __restrict__ row = block + r * Lk;
-      const int32_t* __restrict__ ix = offsets + r * Lk;
-      for (int64_t j = j0; j < j1; ++j) {
-        row[j] += table[ix[j]];
-      }
-    }
-  }
-}
-RPE_OPS_CLONES void add_transposed_term(float* block, int64_t n, int64_t Lk, const float* table, const int32_t* offsets,
-                                        int64_t tile) {
-  add_transposed_term_impl(block, n, Lk, table, offsets, tile);
-}
-void add_transposed_term(double* block, int64_t n, int64_t Lk, const double* table, const int32_t* offsets,
-                         int64_t tile) {
-  add_transposed_term_impl(block, n, Lk, table, offsets, tile);
-}
-
-// block[r, j] += table[j, index[j, i0 + r]] for every transposed term (a term on queries: its table's rows are the
-// keys); block holds n rows of Lk logits.
-template <typename scalar_t>
-void add_transposed_block(scalar_t* block, int64_t n, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
-                          int64_t i0) {
-  for (int64_t t = 0; t < n_terms; ++t) {
-    const TermView<scalar_t>& term = terms[t];
-    if (term.transposed) {
-      add_transposed_term(block, n, Lk, term.rows, term.ids + i0 * Lk, key_tile<scalar_t>(term.nb));
-    }
-  }
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
@@ -310,40 +261,32 @@ inline void bucket_sum_one_row(const scalar_t* __restrict__ x, int64_t Lk, const
   }
 }
 
-// Sums the logits' gradient of row i into the buckets of every term on keys; scratch holds kCopies * nb elements.
+// grad[ix[j]] += x[j]: a transposed term's bucket sums, row by row (its offsets of one row are distinct: no two
+// updates meet).
+template <typename scalar_t>
+inline void scatter_add_row_impl(const scalar_t* __restrict__ x, int64_t Lk, const int32_t* __restrict__ ix,
+                                 scalar_t* __restrict__ grad) {
+  for (int64_t j = 0; j < Lk; ++j) {
+    grad[ix[j]] += x[j];
+  }
+}
+RPE_OPS_CLONES void scatter_add_row(const float* x, int64_t Lk, const int32_t* ix, float* grad) {
+  scatter_add_row_impl(x, Lk, ix, grad);
+}
+void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* grad) {
+  scatter_add_row_impl(x, Lk, ix, grad);
+}
+
+// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                     int64_t i, scalar_t* __restrict__ scratch) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
-    if (!term.transposed) {
+    if (term.transposed) {
+      scatter_add_row(g, Lk, term.ids + i * Lk, term.grad);
+    } else {
       bucket_sum_one_row(g, Lk, term.ids + i * Lk, term.nb, scratch, term.grad + i * term.nb, /*accumulate=*/true);
-    }
-  }
-}
-
-// The same for the transposed terms, over a block of n rows of the logits' gradient, in tiles of keys (as
-// add_transposed_block): grad[j, ids[i0 + r, j]] += block[r, j]. Every key j updates a row of its own, so no two
-// updates of one row of the block meet.
-template <typename scalar_t>
-void bucket_sum_transposed_block(const scalar_t* __restrict__ block, int64_t n, int64_t Lk,
-                                 const TermView<scalar_t>* terms, int64_t n_terms, int64_t i0) {
-  for (int64_t t = 0; t < n_terms; ++t) {
-    const TermView<scalar_t>& term = terms[t];
-    if (!term.transposed) {
-      continue;
-    }
-    const int64_t tile = key_tile<scalar_t>(term.nb);
-    for (int64_t j0 = 0; j0 < Lk; j0 += tile) {
-      const int64_t j1 = std::min(Lk, j0 + tile);
-      for (int64_t r = 0; r < n; ++r) {
-        const scalar_t* __restrict__ g = block + r * Lk;
-        const int32_t* __restrict__ offsets = term.ids + (i0 + r) * Lk;  // flat: j * nb + bucket
-        scalar_t* __restrict__ base = term.grad;
-        for (int64_t j = j0; j < j1; ++j) {
-          base[offsets[j]] += g[j];
-        }
-      }
     }
   }
 }
@@ -553,11 +496,11 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     at::Tensor idx = index.contiguous();
     check_index_range_cpu(op, idx, nb);
     if (tr) {
-      // A transposed term's ids are kept as flat offsets into its (rows x nb) table, ids[i, j] = j * nb +
-      // index[j, i]: its gathers and scatters then take one int32 load per logit, like a term on keys.
+      // A transposed term's ids are kept as flat offsets into its transposed (nb x rows) table, ids[i, j] =
+      // index[j, i] * rows + j: its gathers and scatters then take one int32 load per logit, like a term on keys.
       TORCH_CHECK(rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
-      const at::Tensor key_offsets = at::arange(rows, idx.options().dtype(at::kLong)).mul_(nb);
-      terms.ids.push_back(idx.t().to(at::kLong).add(key_offsets.view({1, rows})).to(at::kInt).contiguous());
+      const at::Tensor key_offsets = at::arange(rows, idx.options().dtype(at::kLong));
+      terms.ids.push_back(idx.t().to(at::kLong).mul(rows).add_(key_offsets.view({1, rows})).to(at::kInt).contiguous());
     } else {
       terms.ids.push_back(idx.to(at::kInt).contiguous());
     }
@@ -611,15 +554,17 @@ void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>
     TermView<scalar_t>& view = views[t];
     view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb};
     scalar_t* table = tables + spec.table_offset;
-    if (spec.contextual) {
-      const Mat<scalar_t>& x = spec.transposed ? km : qm;
-      gemm<scalar_t>(false, false, spec.rows, spec.nb, spec.d, scale, x.p, x.ld, w, spec.nb, 0, table, spec.nb);
-    } else if (spec.transposed) {  // its flat ids address a (rows x nb) table: the weight's row on every row
-      for (int64_t r = 0; r < spec.rows; ++r) {
-        std::copy(w, w + spec.nb, table + r * spec.nb);
+    if (spec.transposed) {  // the (nb x rows) table: s (k W)^T = s W^T k^T, or the weight's column repeated
+      if (spec.contextual) {
+        gemm<scalar_t>(true, true, spec.nb, spec.rows, spec.d, scale, w, spec.nb, km.p, km.ld, 0, table, spec.rows);
+      } else {
+        for (int64_t c = 0; c < spec.nb; ++c) {
+          std::fill(table + c * spec.rows, table + (c + 1) * spec.rows, w[c]);
+        }
       }
-    }
-    if (spec.contextual || spec.transposed) {
+      view.rows = table;
+    } else if (spec.contextual) {  // the (rows x nb) table s q W
+      gemm<scalar_t>(false, false, spec.rows, spec.nb, spec.d, scale, qm.p, qm.ld, w, spec.nb, 0, table, spec.nb);
       view.rows = table;
       view.sr = spec.nb;
     }
@@ -679,7 +624,6 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
         for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
           const int64_t n = std::min(rows_per_block, Lq - i0);
           gemm<scalar_t>(false, true, n, Lk, d, s, qm.row(i0), qm.ld, km.p, km.ld, 0, logits, Lk);  // s Q K^T
-          add_transposed_block(logits, n, Lk, views.data(), n_terms, i0);
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
             add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
@@ -773,7 +717,6 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
             const int64_t n = std::min(rows_per_block, Lq - i0);
             const scalar_t *qb = qm.row(i0), *gb = gm.row(i0);
             gemm<scalar_t>(false, true, n, Lk, d, s, qb, qm.ld, km.p, km.ld, 0, probs, Lk);
-            add_transposed_block(probs, n, Lk, views.data(), n_terms, i0);
             for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
               scalar_t* row = probs + r * Lk;
               add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
@@ -799,7 +742,6 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               softmax_grad_row(row, probs + r * Lk, Lk, delta);
               bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch);
             }
-            bucket_sum_transposed_block(grads, n, Lk, views.data(), n_terms, i0);
             gemm<scalar_t>(false, false, n, d, Lk, s, grads, Lk, km.p, km.ld, 0, dqm.row(i0), dqm.ld);  // dQ = s dS K
             gemm<scalar_t>(true, false, Lk, d, n, s, grads, Lk, qb, qm.ld, 1, dkm.p, dkm.ld);  // dK += s dS^T Q
             for (const ValueSpec& value : terms.values) {  // dW_v += S^T dO
@@ -809,17 +751,24 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
             }
           }
           // Back through the tables: a contextual table s * x W gives dx += s * dT W^T and dW += s * x^T dT; a bias
-          // table (the weight's row repeated) gives dW += the column sums of dT.
+          // table (the weight's row repeated) gives dW += the column sums of dT. A transposed term's gradient is
+          // dT^T, (nb x rows).
           for (const auto t : c10::irange(n_terms)) {
             const TermSpec& spec = terms.specs[t];
             const scalar_t* dt = views[t].grad;
+            const bool tr = spec.transposed;
             scalar_t* dw = weight_grad + spec.weight_offset + h * spec.head_stride();
             if (spec.contextual) {
               const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
-              const Mat<scalar_t>& x = spec.transposed ? km : qm;
-              const Mat<scalar_t>& dx = spec.transposed ? dkm : dqm;
-              gemm<scalar_t>(false, true, spec.rows, spec.d, spec.nb, s, dt, spec.nb, w, spec.nb, 1, dx.p, dx.ld);
-              gemm<scalar_t>(true, false, spec.d, spec.nb, spec.rows, s, x.p, x.ld, dt, spec.nb, 1, dw, spec.nb);
+              const Mat<scalar_t>& x = tr ? km : qm;
+              const Mat<scalar_t>& dx = tr ? dkm : dqm;
+              const int64_t ldt = tr ? spec.rows : spec.nb;
+              gemm<scalar_t>(tr, true, spec.rows, spec.d, spec.nb, s, dt, ldt, w, spec.nb, 1, dx.p, dx.ld);
+              gemm<scalar_t>(true, tr, spec.d, spec.nb, spec.rows, s, x.p, x.ld, dt, ldt, 1, dw, spec.nb);
+            } else if (tr) {
+              for (int64_t c = 0; c < spec.nb; ++c) {
+                dw[c] += lane_sum(dt + c * spec.rows, spec.rows);
+              }
             } else {
               for (int64_t r = 0; r < spec.rows; ++r) {
                 for (int64_t c = 0; c < spec.nb; ++c) {
