@@ -26,7 +26,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
@@ -170,14 +169,24 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
 }
 
 // row[j] += bias(i, j) for every term (a gather from one row of a term's table, or from its transposed table; the
-// logits come scaled from the block's product).
+// logits come scaled from the block's product). Terms go two per pass over the row (q and k together), which loads
+// and stores the row once for both.
 template <typename scalar_t>
 inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                               int64_t i) {
-  for (int64_t t = 0; t < n_terms; ++t) {
-    const TermView<scalar_t>& term = terms[t];
-    const int32_t* __restrict__ ix = term.ids + i * Lk;
-    const scalar_t* __restrict__ trow = term.rows + i * term.sr;
+  int64_t t = 0;
+  for (; t + 1 < n_terms; t += 2) {
+    const int32_t* __restrict__ ix0 = terms[t].ids + i * Lk;
+    const int32_t* __restrict__ ix1 = terms[t + 1].ids + i * Lk;
+    const scalar_t* __restrict__ trow0 = terms[t].rows + i * terms[t].sr;
+    const scalar_t* __restrict__ trow1 = terms[t + 1].rows + i * terms[t + 1].sr;
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] += trow0[ix0[j]] + trow1[ix1[j]];
+    }
+  }
+  if (t < n_terms) {
+    const int32_t* __restrict__ ix = terms[t].ids + i * Lk;
+    const scalar_t* __restrict__ trow = terms[t].rows + i * terms[t].sr;
     for (int64_t j = 0; j < Lk; ++j) {
       row[j] += trow[ix[j]];
     }
@@ -277,10 +286,40 @@ void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* gra
   scatter_add_row_impl(x, Lk, ix, grad);
 }
 
-// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
+// bucket_sum_one_row (accumulating) for a term on keys and scatter_add_row for a transposed term in one pass over x.
+template <typename scalar_t>
+inline void bucket_sum_and_scatter_row(const scalar_t* __restrict__ x, int64_t Lk, const int32_t* __restrict__ ix,
+                                       int64_t nb, scalar_t* __restrict__ scratch, scalar_t* __restrict__ out,
+                                       const int32_t* __restrict__ offsets, scalar_t* __restrict__ grad) {
+  std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
+  int64_t j = 0;
+  for (; j + kCopies <= Lk; j += kCopies) {
+    for (int64_t c = 0; c < kCopies; ++c) {
+      scratch[c * nb + ix[j + c]] += x[j + c];
+      grad[offsets[j + c]] += x[j + c];
+    }
+  }
+  for (; j < Lk; ++j) {
+    scratch[ix[j]] += x[j];
+    grad[offsets[j]] += x[j];
+  }
+  for (int64_t n = 0; n < nb; ++n) {
+    out[n] += (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
+  }
+}
+
+// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements. A term on
+// keys and a transposed one (q and k together) share one pass.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                     int64_t i, scalar_t* __restrict__ scratch) {
+  if (n_terms == 2 && terms[0].transposed != terms[1].transposed) {
+    const TermView<scalar_t>& on_keys = terms[terms[0].transposed ? 1 : 0];
+    const TermView<scalar_t>& on_queries = terms[terms[0].transposed ? 0 : 1];
+    bucket_sum_and_scatter_row(g, Lk, on_keys.ids + i * Lk, on_keys.nb, scratch, on_keys.grad + i * on_keys.nb,
+                               on_queries.ids + i * Lk, on_queries.grad);
+    return;
+  }
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
     if (term.transposed) {
@@ -291,19 +330,27 @@ void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<s
   }
 }
 
-// row[j] += table[ix[j]]: the probabilities' gradient through a term on values (table = a row of dO @ W_v^T).
+// A term on values in the backward, one pass over a row: dp[j] += table[ix[j]] (the probabilities' gradient; table
+// = a row of dO @ W_v^T) and out = the bucket sums of the probabilities p (as bucket_sum_one_row, overwriting out).
 template <typename scalar_t>
-inline void gather_add_row_impl(scalar_t* __restrict__ row, int64_t Lk, const scalar_t* __restrict__ table,
-                                const int32_t* __restrict__ ix) {
-  for (int64_t j = 0; j < Lk; ++j) {
-    row[j] += table[ix[j]];
+inline void value_row_backward(scalar_t* __restrict__ dp, const scalar_t* __restrict__ p, int64_t Lk,
+                               const scalar_t* __restrict__ table, const int32_t* __restrict__ ix, int64_t nb,
+                               scalar_t* __restrict__ scratch, scalar_t* __restrict__ out) {
+  std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
+  int64_t j = 0;
+  for (; j + kCopies <= Lk; j += kCopies) {
+    for (int64_t c = 0; c < kCopies; ++c) {
+      dp[j + c] += table[ix[j + c]];
+      scratch[c * nb + ix[j + c]] += p[j + c];
+    }
   }
-}
-RPE_OPS_CLONES void gather_add_row(float* row, int64_t Lk, const float* table, const int32_t* ix) {
-  gather_add_row_impl(row, Lk, table, ix);
-}
-void gather_add_row(double* row, int64_t Lk, const double* table, const int32_t* ix) {
-  gather_add_row_impl(row, Lk, table, ix);
+  for (; j < Lk; ++j) {
+    dp[j] += table[ix[j]];
+    scratch[ix[j]] += p[j];
+  }
+  for (int64_t n = 0; n < nb; ++n) {
+    out[n] = (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -462,6 +509,57 @@ struct Terms {
   int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
 };
 
+// Bucket ids as the kernels read them, range-checked in the same pass as the cast to int32 (separately, the check,
+// the cast and the transposed copy took about 1 ms per term and call at L = 577). Returns false when an id lies
+// outside [0, nb).
+template <typename index_t>
+inline bool narrow_ids_impl(const index_t* __restrict__ ids, int64_t n, int64_t nb, int32_t* __restrict__ out) {
+  uint32_t bad = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const index_t id = ids[t];
+    bad |= static_cast<uint32_t>(id < 0) | static_cast<uint32_t>(id >= nb);
+    out[t] = static_cast<int32_t>(id);
+  }
+  return bad == 0;
+}
+RPE_OPS_CLONES bool narrow_ids(const int64_t* ids, int64_t n, int64_t nb, int32_t* out) {
+  return narrow_ids_impl(ids, n, nb, out);
+}
+RPE_OPS_CLONES bool narrow_ids(const int32_t* ids, int64_t n, int64_t nb, int32_t* out) {
+  return narrow_ids_impl(ids, n, nb, out);
+}
+
+// ids[i, j] = ids[i, j] * rows + j for the (cols x rows) transposed ids of a transposed term: offsets into its
+// (nb x rows) table.
+RPE_OPS_CLONES void add_key_offsets(int32_t* __restrict__ ids, int64_t cols, int64_t rows) {
+  for (int64_t i = 0; i < cols; ++i) {
+    int32_t* __restrict__ row = ids + i * rows;
+    for (int64_t j = 0; j < rows; ++j) {
+      row[j] = row[j] * static_cast<int32_t>(rows) + static_cast<int32_t>(j);
+    }
+  }
+}
+
+// The int32 ids of one term (rows x cols) or, transposed, its (cols x rows) table offsets, ids[j, i] * rows + j; an
+// id outside [0, nb) raises check_index_range_cpu's error. The caller checks that rows * nb fits in int32.
+at::Tensor kernel_ids(const char* op, const at::Tensor& index, int64_t nb, bool transposed) {
+  const at::Tensor idx = index.contiguous();
+  at::Tensor out = at::empty(idx.sizes(), idx.options().dtype(at::kInt));
+  int32_t* o = out.mutable_data_ptr<int32_t>();
+  const bool ok = idx.scalar_type() == at::kLong ? narrow_ids(idx.const_data_ptr<int64_t>(), idx.numel(), nb, o)
+                                                 : narrow_ids(idx.const_data_ptr<int32_t>(), idx.numel(), nb, o);
+  if (!ok) {
+    check_index_range_cpu(op, idx, nb);  // raises, saying which ids
+    TORCH_CHECK(false, op, ": bucket ids must lie in [0, ", nb, ")");
+  }
+  if (!transposed) {
+    return out;
+  }
+  at::Tensor offsets = out.t().contiguous();  // ATen's blocked transpose
+  add_key_offsets(offsets.mutable_data_ptr<int32_t>(), offsets.size(0), offsets.size(1));
+  return offsets;
+}
+
 Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::TensorList weights, at::TensorList indices, at::IntArrayRef transposed,
                     at::TensorList value_weights, at::TensorList value_indices) {
@@ -493,17 +591,10 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
                 ": expected int64 or int32 bucket ids, got ", index.scalar_type());
     TORCH_CHECK(index.dim() == 2 && index.size(0) == rows && index.size(1) == (tr ? Lq : Lk), op, ": term ", t,
                 ": expected bucket ids of shape (", rows, ", ", tr ? Lq : Lk, "), got ", index.sizes());
-    at::Tensor idx = index.contiguous();
-    check_index_range_cpu(op, idx, nb);
-    if (tr) {
-      // A transposed term's ids are kept as flat offsets into its transposed (nb x rows) table, ids[i, j] =
-      // index[j, i] * rows + j: its gathers and scatters then take one int32 load per logit, like a term on keys.
-      TORCH_CHECK(rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
-      const at::Tensor key_offsets = at::arange(rows, idx.options().dtype(at::kLong));
-      terms.ids.push_back(idx.t().to(at::kLong).mul(rows).add_(key_offsets.view({1, rows})).to(at::kInt).contiguous());
-    } else {
-      terms.ids.push_back(idx.to(at::kInt).contiguous());
-    }
+    // A transposed term's ids are kept as flat offsets into its transposed (nb x rows) table: its gathers and
+    // scatters then take one int32 load per logit, like a term on keys.
+    TORCH_CHECK(!tr || rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
+    terms.ids.push_back(kernel_ids(op, index, nb, tr));
     terms.weights.push_back(weight.contiguous());
     const TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
                         terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
@@ -530,9 +621,7 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
                 ": expected int64 or int32 bucket ids, got ", index.scalar_type());
     TORCH_CHECK(index.dim() == 2 && index.size(0) == Lq && index.size(1) == Lk, op, ": value term ", u,
                 ": expected bucket ids of shape (", Lq, ", ", Lk, "), got ", index.sizes());
-    at::Tensor idx = index.contiguous();
-    check_index_range_cpu(op, idx, nb);
-    terms.ids.push_back(idx.to(at::kInt).contiguous());
+    terms.ids.push_back(kernel_ids(op, index, nb, /*transposed=*/false));
     terms.weights.push_back(weight.contiguous());
     terms.values.push_back(ValueSpec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
                                      terms.ids.back().const_data_ptr<int32_t>(), terms.value_nb,
@@ -602,8 +691,8 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
   // One workspace per thread (a block of logits, the contextual tables, the block's bucket sums for the value terms
   // and the scatter copies), allocated here: buffers malloc'ed inside the workers go to per-thread arenas, which
   // return memory to the OS eagerly, and the page faults that follow cost the rest of the step dearly.
-  const int64_t per_thread =
-      rows_per_block * Lk + terms.table_elements + rows_per_block * terms.value_nb + kCopies * terms.max_nb;
+  const int64_t per_thread = rows_per_block * Lk + terms.table_elements + rows_per_block * terms.value_nb +
+                             kCopies * terms.max_nb + rows_per_block;
   at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
@@ -615,6 +704,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
       scalar_t* tables = logits + rows_per_block * Lk;
       scalar_t* value_sums = tables + terms.table_elements;  // (rows_per_block x nb) per value term
       scalar_t* scratch = value_sums + rows_per_block * terms.value_nb;
+      scalar_t* inv_sums = scratch + kCopies * terms.max_nb;  // 1 / (row sum of exp) per row of the block
       std::vector<TermView<scalar_t>> views(n_terms);
       for (int64_t bh = t0; bh < t1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -627,11 +717,13 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
             add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
+            // The block keeps exp(logits - max): its products with V and W_v are normalised afterwards, on the dv
+            // outputs of a row rather than its Lk probabilities.
             const scalar_t m = row_max(row, Lk);
             const scalar_t sum = exp_shift_sum(row, Lk, m);
-            scale_row(row, Lk, scalar_t(1) / sum);
+            inv_sums[r] = sum > 0 ? scalar_t(1) / sum : scalar_t(0);  // Lk = 0: a zero output
             lse_data[bh * Lq + i0 + r] = m + std::log(sum);
-            for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of P[r], while the row is in L1
+            for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of the row, while it is in L1
               const int64_t nb = value.nb;
               bucket_sum_one_row(row, Lk, value.ids + (i0 + r) * Lk, nb, scratch,
                                  value_sums + value.block_offset * rows_per_block + r * nb, /*accumulate=*/false);
@@ -641,6 +733,9 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
           for (const ValueSpec& value : terms.values) {  // O += S W_v
             gemm<scalar_t>(false, false, n, dv, value.nb, 1, value_sums + value.block_offset * rows_per_block,
                            value.nb, value_weight<scalar_t>(value, h), dv, 1, om.row(i0), om.ld);
+          }
+          for (int64_t r = 0; r < n; ++r) {
+            scale_row(om.row(i0 + r), dv, inv_sums[r]);
           }
         }
       }
@@ -733,8 +828,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               for (const ValueSpec& value : terms.values) {
                 const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
                 const int32_t* ix = value.ids + (i0 + r) * Lk;
-                gather_add_row(row, Lk, value_grads + offset, ix);
-                bucket_sum_one_row(probs + r * Lk, Lk, ix, nb, scratch, value_sums + offset, /*accumulate=*/false);
+                value_row_backward(row, probs + r * Lk, Lk, value_grads + offset, ix, nb, scratch, value_sums + offset);
               }
               // rowsum(P * dP) from the block rather than dO . O (flash attention's shortcut): when the softmax
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
