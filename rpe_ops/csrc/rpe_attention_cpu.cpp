@@ -286,40 +286,10 @@ void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* gra
   scatter_add_row_impl(x, Lk, ix, grad);
 }
 
-// bucket_sum_one_row (accumulating) for a term on keys and scatter_add_row for a transposed term in one pass over x.
-template <typename scalar_t>
-inline void bucket_sum_and_scatter_row(const scalar_t* __restrict__ x, int64_t Lk, const int32_t* __restrict__ ix,
-                                       int64_t nb, scalar_t* __restrict__ scratch, scalar_t* __restrict__ out,
-                                       const int32_t* __restrict__ offsets, scalar_t* __restrict__ grad) {
-  std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
-  int64_t j = 0;
-  for (; j + kCopies <= Lk; j += kCopies) {
-    for (int64_t c = 0; c < kCopies; ++c) {
-      scratch[c * nb + ix[j + c]] += x[j + c];
-      grad[offsets[j + c]] += x[j + c];
-    }
-  }
-  for (; j < Lk; ++j) {
-    scratch[ix[j]] += x[j];
-    grad[offsets[j]] += x[j];
-  }
-  for (int64_t n = 0; n < nb; ++n) {
-    out[n] += (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
-  }
-}
-
-// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements. A term on
-// keys and a transposed one (q and k together) share one pass.
+// Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                     int64_t i, scalar_t* __restrict__ scratch) {
-  if (n_terms == 2 && terms[0].transposed != terms[1].transposed) {
-    const TermView<scalar_t>& on_keys = terms[terms[0].transposed ? 1 : 0];
-    const TermView<scalar_t>& on_queries = terms[terms[0].transposed ? 0 : 1];
-    bucket_sum_and_scatter_row(g, Lk, on_keys.ids + i * Lk, on_keys.nb, scratch, on_keys.grad + i * on_keys.nb,
-                               on_queries.ids + i * Lk, on_queries.grad);
-    return;
-  }
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
     if (term.transposed) {
