@@ -48,9 +48,12 @@
 #include <dlfcn.h>
 #endif
 
-// The element-wise loops are compiled for AVX2 as well as the baseline and picked at load time: a wheel built on one
-// machine still runs on an older one. Elsewhere the compiler's baseline vectorisation is used.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+// The element-wise loops are compiled for x86-64-v3 (AVX2 with FMA) and AVX2 as well as the baseline and picked at
+// load time: a wheel built on one machine still runs on an older one. Elsewhere the compiler's baseline vectorisation
+// is used. (GCC resolves an `arch=x86-64-v3` clone by ISA level from version 12 on.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__)
+#define RPE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v3", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define RPE_OPS_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define RPE_OPS_CLONES
@@ -127,24 +130,15 @@ inline scalar_t lane_sum(const scalar_t* __restrict__ x, int64_t n) {
   return sum;
 }
 
+// A maximum as an OpenMP SIMD reduction (-fopenmp or -fopenmp-simd): without it GCC keeps a select reduction scalar,
+// as it may not reorder selects that NaNs or signed zeros could tell apart; rows with a NaN give NaN outputs either
+// way.
 template <typename scalar_t>
 inline scalar_t lane_max(const scalar_t* __restrict__ x, int64_t n) {
-  scalar_t acc[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) {
-    acc[l] = -std::numeric_limits<scalar_t>::infinity();
-  }
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
-    }
-  }
-  for (; j < n; ++j) {
-    acc[0] = acc[0] > x[j] ? acc[0] : x[j];
-  }
-  scalar_t m = acc[0];
-  for (int64_t l = 1; l < kLanes; ++l) {
-    m = m > acc[l] ? m : acc[l];
+  scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
   }
   return m;
 }
@@ -249,6 +243,19 @@ void scale_row(double* row, int64_t n, double factor) { scale_row_impl(row, n, f
 // a single copy their read-modify-writes would chain through memory (a store-to-load stall each).
 constexpr int64_t kCopies = 4;
 
+// out[n] (+)= the sum of the kCopies copies of bucket n in scratch (accumulate: add to out, else overwrite it).
+template <typename scalar_t>
+inline void reduce_copies(const scalar_t* __restrict__ scratch, int64_t nb, scalar_t* __restrict__ out,
+                          bool accumulate) {
+  for (int64_t n = 0; n < nb; ++n) {
+    scalar_t sum = accumulate ? out[n] : scalar_t(0);
+    for (int64_t c = 0; c < kCopies; ++c) {
+      sum += scratch[c * nb + n];
+    }
+    out[n] = sum;
+  }
+}
+
 // out[n] (+)= sum_{j: ix[j] = n} x[j] for n < nb (accumulate: add to out, else overwrite it); scratch holds
 // kCopies * nb elements.
 template <typename scalar_t>
@@ -264,10 +271,7 @@ inline void bucket_sum_one_row(const scalar_t* __restrict__ x, int64_t Lk, const
   for (; j < Lk; ++j) {
     scratch[ix[j]] += x[j];
   }
-  for (int64_t n = 0; n < nb; ++n) {
-    const scalar_t sum = (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
-    out[n] = accumulate ? out[n] + sum : sum;
-  }
+  reduce_copies(scratch, nb, out, accumulate);
 }
 
 // grad[ix[j]] += x[j]: a transposed term's bucket sums, row by row (its offsets of one row are distinct: no two
@@ -318,9 +322,7 @@ inline void value_row_backward(scalar_t* __restrict__ dp, const scalar_t* __rest
     dp[j] += table[ix[j]];
     scratch[ix[j]] += p[j];
   }
-  for (int64_t n = 0; n < nb; ++n) {
-    out[n] = (scratch[n] + scratch[nb + n]) + (scratch[2 * nb + n] + scratch[3 * nb + n]);
-  }
+  reduce_copies(scratch, nb, out, /*accumulate=*/false);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
