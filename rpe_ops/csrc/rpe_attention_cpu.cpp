@@ -14,7 +14,7 @@
 // are (B, H, Lq, Lk) tensors streamed through memory several times per pass; PyTorch's fused CPU attention cannot
 // give the gradient of a bias. Here one task owns one (b, h) pair: it computes that pair's small (L, nb) tables,
 // then walks its query rows in blocks whose logits fit in the L2 cache: the bias is gathered from the tables
-// straight into the block, softmax runs on it in place, and the backward recomputes the block from the saved
+// straight into the block, BLAS adds the block's q k^T to it, softmax runs on it in place, and the backward recomputes the block from the saved
 // log-sum-exp (as flash attention does), turns it into the logits' gradient in place and sums that into the tables'
 // buckets before the block leaves the cache; the tables' gradients then give the weights' and q's or k's. A term on
 // values needs the probabilities only through their per-row bucket sums S (L, nb): the forward sums each row of the
@@ -162,36 +162,45 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
   return sum;
 }
 
-// row[j] += bias(i, j) for every term (a gather from one row of a term's table, or from its transposed table; the
-// logits come scaled from the block's product). Terms go two per pass over the row (q and k together), which loads
-// and stores the row once for both.
+// row[j] = bias(i, j), the sum over the terms (n_terms >= 1) of a gather from one row of a term's table, or from its
+// transposed table. The block's product s q k^T is then added by BLAS (beta = 1), which spares BLAS its pass that
+// zeroes the block for beta = 0 and this loop a load of the row. Terms go two per pass over the row (q and k
+// together).
 template <typename scalar_t>
-inline void add_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
+inline void set_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
                               int64_t i) {
-  int64_t t = 0;
-  for (; t + 1 < n_terms; t += 2) {
+  for (int64_t t = 0; t < n_terms; t += 2) {
     const int32_t* __restrict__ ix0 = terms[t].ids + i * Lk;
-    const int32_t* __restrict__ ix1 = terms[t + 1].ids + i * Lk;
     const scalar_t* __restrict__ trow0 = terms[t].rows + i * terms[t].sr;
-    const scalar_t* __restrict__ trow1 = terms[t + 1].rows + i * terms[t + 1].sr;
-    for (int64_t j = 0; j < Lk; ++j) {
-      row[j] += trow0[ix0[j]] + trow1[ix1[j]];
-    }
-  }
-  if (t < n_terms) {
-    const int32_t* __restrict__ ix = terms[t].ids + i * Lk;
-    const scalar_t* __restrict__ trow = terms[t].rows + i * terms[t].sr;
-    for (int64_t j = 0; j < Lk; ++j) {
-      row[j] += trow[ix[j]];
+    if (t + 1 < n_terms) {
+      const int32_t* __restrict__ ix1 = terms[t + 1].ids + i * Lk;
+      const scalar_t* __restrict__ trow1 = terms[t + 1].rows + i * terms[t + 1].sr;
+      if (t == 0) {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] = trow0[ix0[j]] + trow1[ix1[j]];
+        }
+      } else {
+        for (int64_t j = 0; j < Lk; ++j) {
+          row[j] += trow0[ix0[j]] + trow1[ix1[j]];
+        }
+      }
+    } else if (t == 0) {
+      for (int64_t j = 0; j < Lk; ++j) {
+        row[j] = trow0[ix0[j]];
+      }
+    } else {
+      for (int64_t j = 0; j < Lk; ++j) {
+        row[j] += trow0[ix0[j]];
+      }
     }
   }
 }
 
-RPE_OPS_CLONES void add_bias_row(float* row, int64_t Lk, const TermView<float>* terms, int64_t n_terms, int64_t i) {
-  add_bias_row_impl(row, Lk, terms, n_terms, i);
+RPE_OPS_CLONES void set_bias_row(float* row, int64_t Lk, const TermView<float>* terms, int64_t n_terms, int64_t i) {
+  set_bias_row_impl(row, Lk, terms, n_terms, i);
 }
-void add_bias_row(double* row, int64_t Lk, const TermView<double>* terms, int64_t n_terms, int64_t i) {
-  add_bias_row_impl(row, Lk, terms, n_terms, i);
+void set_bias_row(double* row, int64_t Lk, const TermView<double>* terms, int64_t n_terms, int64_t i) {
+  set_bias_row_impl(row, Lk, terms, n_terms, i);
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
@@ -304,22 +313,23 @@ void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<s
   }
 }
 
-// A term on values in the backward, one pass over a row: dp[j] += table[ix[j]] (the probabilities' gradient; table
-// = a row of dO @ W_v^T) and out = the bucket sums of the probabilities p (as bucket_sum_one_row, overwriting out).
+// A term on values in the backward, one pass over a row: dp[j] (+)= table[ix[j]] (the probabilities' gradient, before
+// BLAS adds dO V^T to it; table = a row of dO @ W_v^T; the first value term overwrites dp) and out = the bucket sums
+// of the probabilities p (as bucket_sum_one_row, overwriting out).
 template <typename scalar_t>
 inline void value_row_backward(scalar_t* __restrict__ dp, const scalar_t* __restrict__ p, int64_t Lk,
                                const scalar_t* __restrict__ table, const int32_t* __restrict__ ix, int64_t nb,
-                               scalar_t* __restrict__ scratch, scalar_t* __restrict__ out) {
+                               scalar_t* __restrict__ scratch, scalar_t* __restrict__ out, bool overwrite) {
   std::fill(scratch, scratch + kCopies * nb, scalar_t(0));
   int64_t j = 0;
   for (; j + kCopies <= Lk; j += kCopies) {
     for (int64_t c = 0; c < kCopies; ++c) {
-      dp[j + c] += table[ix[j + c]];
+      dp[j + c] = overwrite ? table[ix[j + c]] : dp[j + c] + table[ix[j + c]];
       scratch[c * nb + ix[j + c]] += p[j + c];
     }
   }
   for (; j < Lk; ++j) {
-    dp[j] += table[ix[j]];
+    dp[j] = overwrite ? table[ix[j]] : dp[j] + table[ix[j]];
     scratch[ix[j]] += p[j];
   }
   reduce_copies(scratch, nb, out, /*accumulate=*/false);
@@ -685,10 +695,15 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
         make_views(terms, qm, km, h, s, tables, views.data());
         for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
           const int64_t n = std::min(rows_per_block, Lq - i0);
-          gemm<scalar_t>(false, true, n, Lk, d, s, qm.row(i0), qm.ld, km.p, km.ld, 0, logits, Lk);  // s Q K^T
+          if (n_terms > 0) {
+            for (int64_t r = 0; r < n; ++r) {
+              set_bias_row(logits + r * Lk, Lk, views.data(), n_terms, i0 + r);
+            }
+          }
+          const scalar_t beta = n_terms > 0 ? 1 : 0;
+          gemm<scalar_t>(false, true, n, Lk, d, s, qm.row(i0), qm.ld, km.p, km.ld, beta, logits, Lk);  // + s Q K^T
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
-            add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
             // The block keeps exp(logits - max): its products with V and W_v are normalised afterwards, on the dv
             // outputs of a row rather than its Lk probabilities.
             const scalar_t m = row_max(row, Lk);
@@ -783,25 +798,36 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
           for (int64_t i0 = 0; i0 < Lq; i0 += rows_per_block) {
             const int64_t n = std::min(rows_per_block, Lq - i0);
             const scalar_t *qb = qm.row(i0), *gb = gm.row(i0);
-            gemm<scalar_t>(false, true, n, Lk, d, s, qb, qm.ld, km.p, km.ld, 0, probs, Lk);
+            if (n_terms > 0) {  // the bias first, then BLAS adds s Q K^T (as in the forward)
+              for (int64_t r = 0; r < n; ++r) {
+                set_bias_row(probs + r * Lk, Lk, views.data(), n_terms, i0 + r);
+              }
+            }
+            gemm<scalar_t>(false, true, n, Lk, d, s, qb, qm.ld, km.p, km.ld, n_terms > 0 ? 1 : 0, probs, Lk);
             for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
-              scalar_t* row = probs + r * Lk;
-              add_bias_row(row, Lk, views.data(), n_terms, i0 + r);
-              exp_shift_sum(row, Lk, lse_data[bh * Lq + i0 + r]);
+              exp_shift_sum(probs + r * Lk, Lk, lse_data[bh * Lq + i0 + r]);
             }
             gemm<scalar_t>(true, false, Lk, dv, n, 1, probs, Lk, gb, gm.ld, 1, dvm.p, dvm.ld);  // dV += P^T dO
-            gemm<scalar_t>(false, true, n, Lk, dv, 1, gb, gm.ld, vm.p, vm.ld, 0, grads, Lk);    // dP = dO V^T
-            for (const ValueSpec& value : terms.values) {  // G = dO W_v^T: dP[i, j] += G[i, bucket(i, j)]
+            // dP = dO V^T + the value terms' G[i, bucket(i, j)], G = dO W_v^T: the gathers (with the bucket sums of
+            // P) write the block first and BLAS adds dO V^T to it.
+            for (const ValueSpec& value : terms.values) {
               gemm<scalar_t>(false, true, n, value.nb, dv, 1, gb, gm.ld, value_weight<scalar_t>(value, h), dv, 0,
                              value_grads + value.block_offset * rows_per_block, value.nb);
             }
             for (int64_t r = 0; r < n; ++r) {
-              scalar_t* row = grads + r * Lk;
+              bool first = true;
               for (const ValueSpec& value : terms.values) {
                 const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
                 const int32_t* ix = value.ids + (i0 + r) * Lk;
-                value_row_backward(row, probs + r * Lk, Lk, value_grads + offset, ix, nb, scratch, value_sums + offset);
+                value_row_backward(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix, nb, scratch,
+                                   value_sums + offset, first);
+                first = false;
               }
+            }
+            const scalar_t value_beta = terms.values.empty() ? 0 : 1;
+            gemm<scalar_t>(false, true, n, Lk, dv, 1, gb, gm.ld, vm.p, vm.ld, value_beta, grads, Lk);  // + dO V^T
+            for (int64_t r = 0; r < n; ++r) {
+              scalar_t* row = grads + r * Lk;
               // rowsum(P * dP) from the block rather than dO . O (flash attention's shortcut): when the softmax
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
               const scalar_t delta = row_dot(probs + r * Lk, row, Lk);
