@@ -29,6 +29,7 @@ __all__ = [
     "has_cuda_kernels",
     "is_available",
     "load_error",
+    "register_attention_autograd",
     "rpe_attention",
     "rpe_bucket_sum",
     "rpe_index",
@@ -267,17 +268,27 @@ def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tupl
     ctx.mark_non_differentiable(lse)
 
 
-def _rpe_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
-    q, k, v, lse, *rest = ctx.saved_tensors
-    n, nv = len(ctx.transposed), ctx.num_values
-    weights, indices = rest[:n], rest[n : 2 * n]
-    value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv :]
-    dq, dk, dv, *dweights = torch.ops.rpe_ops.rpe_attention_backward.default(
-        grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale
-    )
-    # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
-    no_grad_flags = None if ctx.transposed else []
-    return dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None
+def register_attention_autograd(namespace: str = "rpe_ops") -> None:
+    """Registers the autograd of ``{namespace}::rpe_attention`` (its backward: ``{namespace}::rpe_attention_backward``).
+
+    ``rpe_ops`` registers its own at import; ``tools/benchmark_kernel_ab.py`` calls this for another build of the
+    library loaded under another namespace.
+    """
+    backward_op = getattr(torch.ops, namespace).rpe_attention_backward.default
+
+    def backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Any, ...]:
+        q, k, v, lse, *rest = ctx.saved_tensors
+        n, nv = len(ctx.transposed), ctx.num_values
+        weights, indices = rest[:n], rest[n : 2 * n]
+        value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv :]
+        dq, dk, dv, *dweights = backward_op(
+            grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale
+        )
+        # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
+        no_grad_flags = None if ctx.transposed else []
+        return dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None
+
+    torch.library.register_autograd(f"{namespace}::rpe_attention", backward, setup_context=_rpe_attention_setup_context)
 
 
 def _register_python_parts() -> None:
@@ -293,9 +304,7 @@ def _register_python_parts() -> None:
     if _attention_kernel:
         torch.library.register_fake("rpe_ops::rpe_attention")(_rpe_attention_fake)
         torch.library.register_fake("rpe_ops::rpe_attention_backward")(_rpe_attention_backward_fake)
-        torch.library.register_autograd(
-            "rpe_ops::rpe_attention", _rpe_attention_backward, setup_context=_rpe_attention_setup_context
-        )
+        register_attention_autograd("rpe_ops")
 
 
 _load_extension()

@@ -1,6 +1,7 @@
 """The benchmark tools run end to end (tiny sizes): benchmark.py with its re-exec under glibc's keep settings, the
-memory child, JSON and several image sizes; benchmark_attention.py with its variants; tools/gpu_check.sh (syntax,
-usage, and its CPU dry run, slow)."""
+memory child, JSON and several image sizes; benchmark_attention.py with its variants; benchmark_kernel_ab.py (its
+library renaming, its errors, and, slow, a build of HEAD's kernel timed against this tree's); tools/gpu_check.sh
+(syntax, usage, and its CPU dry run, slow)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,55 @@ def test_benchmark_skips_a_path_the_model_cannot_take():
     assert qkv is not None and "attn_impl='flex' cannot encode values" in qkv
     assert benchmark.path_error("deit_small_patch16_224_ctx_product_50_shared_k", "flex") is None
     assert benchmark.path_error("deit_small_patch16_224_ctx_product_50_shared_qkv", "sdpa") is None
+
+
+def test_kernel_ab_moves_every_library_registration_to_the_baseline_namespace():
+    import benchmark_kernel_ab as ab
+
+    snippet = (
+        "TORCH_LIBRARY(rpe_ops, m) {}\nTORCH_LIBRARY_FRAGMENT(rpe_ops, m) {}\nTORCH_LIBRARY_IMPL( rpe_ops , CPU, m) {}"
+    )
+    renamed = ab.rename_library(snippet + '\nconstexpr const char* op = "rpe_ops::rpe_index";')
+    assert renamed.count(f"({ab.BASELINE_NAMESPACE},") == 3
+    assert '"rpe_ops::rpe_index"' in renamed  # error messages keep the name users know
+    for source in (REPO_ROOT / "rpe_ops" / "csrc").glob("*.cpp"):  # nothing of this tree stays in rpe_ops
+        text = ab.rename_library(source.read_text())
+        assert not any("(rpe_ops," in line for line in text.splitlines() if "TORCH_LIBRARY" in line), source
+
+
+def _kernel_ab(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "tools/benchmark_kernel_ab.py", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, check=False)
+
+
+def test_kernel_ab_names_a_baseline_git_does_not_know():
+    import rpe_ops
+
+    result = _kernel_ab("--baseline", "no-such-revision")
+    assert result.returncode == 2
+    if rpe_ops.has_attention_kernel():
+        assert "error: --baseline 'no-such-revision' is not a commit of this repository" in result.stderr
+    else:
+        assert "error: this tree's rpe_ops is not built" in result.stderr
+    assert _kernel_ab("--baseline", "HEAD", "--reps", "0").returncode == 2
+    no_model = _kernel_ab("--baseline", "HEAD", "--model", "deit_small_rpe")
+    assert no_model.returncode == 2 and "--model 'deit_small_rpe' is not a registered model" in no_model.stderr
+
+
+@pytest.mark.slow
+def test_kernel_ab_times_this_tree_against_a_built_commit():
+    import rpe_ops
+
+    if not rpe_ops.has_attention_kernel():
+        pytest.skip("rpe_ops is not built (make ops)")
+    tiny = ("--batch-size", "1", "--heads", "2", "--head-dim", "8", "--grid", "3", "--reps", "2", "--warmup", "1")
+    result = _kernel_ab("--baseline", "HEAD", "--rpe-on", "qkv", *tiny)  # builds HEAD's kernel once (~30 s)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| fwd")]
+    assert [row.split("|")[1].strip() for row in rows] == ["fwd", "fwd+bwd"], result.stdout
+    for row in rows:
+        assert float(row.split("|")[4]) > 0, row
+    model = ("--model", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--img-size", "32", "--batch-size", "2")
+    result = _kernel_ab("--baseline", "HEAD", *model, "--reps", "1", "--warmup", "0")  # the build is reused
+    assert result.returncode == 0, result.stderr
+    assert "| train, baseline kernel |" in result.stdout and "| train, this tree kernel |" in result.stdout
