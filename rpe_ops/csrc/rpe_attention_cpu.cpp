@@ -14,13 +14,13 @@
 // are (B, H, Lq, Lk) tensors streamed through memory several times per pass; PyTorch's fused CPU attention cannot
 // give the gradient of a bias. Here one task owns one (b, h) pair: it computes that pair's small (L, nb) tables,
 // then walks its query rows in blocks whose logits fit in the L2 cache: the bias is gathered from the tables
-// straight into the block, BLAS adds the block's q k^T to it, softmax runs on it in place, and the backward recomputes the block from the saved
-// log-sum-exp (as flash attention does), turns it into the logits' gradient in place and sums that into the tables'
-// buckets before the block leaves the cache; the tables' gradients then give the weights' and q's or k's. A term on
-// values needs the probabilities only through their per-row bucket sums S (L, nb): the forward sums each row of the
-// block into S while it is in cache and adds S @ W_v; the backward adds (dO @ W_v^T)[bucket] to the probabilities'
-// gradient and S^T dO to W_v's. Nothing (B, H, Lq, Lk), and no table, is ever allocated, and the op's inputs are
-// the encodings' weights themselves.
+// straight into the block, BLAS adds the block's q k^T to it, softmax runs on it in place, and the backward
+// recomputes the block from the saved log-sum-exp (as flash attention does), turns it into the logits' gradient in
+// place and sums that into the tables' buckets before the block leaves the cache; the tables' gradients then give
+// the weights' and q's or k's. A term on values needs the probabilities only through their per-row bucket sums
+// S (L, nb): the forward sums each row of the block into S while it is in cache and adds S @ W_v; the backward adds
+// (dO @ W_v^T)[bucket] to the probabilities' gradient and S^T dO to W_v's. Nothing (B, H, Lq, Lk), and no table, is
+// ever allocated, and the op's inputs are the encodings' weights themselves.
 // The matrix products call BLAS on raw (row-strided) matrices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
