@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def build_baseline(commit: str) -> Path:
     if archive.returncode != 0:
         raise RuntimeError(f"`git archive {commit[:10]} rpe_ops` failed: {archive.stderr.decode().strip()}")
     tmp = where.with_name(commit + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted build left: never taken for a finished one
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(tmp, filter="data")
     for source in (tmp / "rpe_ops" / "csrc").glob("*.cpp"):
