@@ -616,6 +616,71 @@ def test_rpe_attention_errors(mutate, message) -> None:
         torch.ops.rpe_ops.rpe_attention_backward(grad_out, lse=q.new_zeros(q.shape[:3]), **args, scale=scale)
 
 
+def _product_case(height: int, width: int, requires_grad: bool = False):
+    """float32 terms with iRPE-S's ids (product method, ratio 1.9: 50 buckets) on a height x width grid after a class
+    token: contextual on keys, a bias on keys (its lookups read the weight itself), contextual transposed, one on keys
+    with random ids (few of its chunks of 8 keys fit a window of 8 buckets), and one on values. On x86 CPUs with AVX2
+    the float32 kernels read the product ids through their windows."""
+    import irpe
+
+    ids, nb = irpe.get_bucket_ids_2d(irpe.METHOD.PRODUCT, height, width, skip=1, alpha=1.9, beta=3.8, gamma=15.2)
+    B, H, d, L = 2, 3, 8, ids.size(0)
+    q, k, v = (randn(B, H, L, d, seed=seed) for seed in (21, 22, 23))
+    weights = [randn(1, d, nb, seed=24), randn(H, nb, seed=25), randn(1, d, nb, seed=26), randn(H, d, 60, seed=27)]
+    indices = [ids, ids, ids, make_index(L, L, 60, "cpu", seed=28)]
+    value_weights, value_indices = [randn(1, nb, d, seed=29)], [ids]
+    if requires_grad:
+        q, k, v, *weights = (t.requires_grad_() for t in (q, k, v, *weights))
+        value_weights = [w.requires_grad_() for w in value_weights]
+    return q, k, v, weights, indices, [False, False, True, False], value_weights, value_indices
+
+
+def _product_case_results(height: int, width: int) -> list[torch.Tensor]:
+    """Output, lse and every gradient of the kernel on _product_case."""
+    q, k, v, weights, indices, transposed, vw, vi = _product_case(height, width, requires_grad=True)
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, 0.35, vw, vi)
+    grad = randn(*out.shape, seed=30)
+    return [out, lse, *torch.autograd.grad(out, (q, k, v, *weights, *vw), grad)]
+
+
+@needs_ops
+@pytest.mark.parametrize("grid", [(5, 5), (4, 7), (14, 14)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_rpe_attention_on_product_ids_matches_its_definition(grid) -> None:
+    q, k, v, weights, indices, transposed, vw, vi = _product_case(*grid, requires_grad=True)
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, 0.35, vw, vi)
+    wide = [t.double() for t in (q, k, v, *weights, *vw)]
+    ref, ref_lse = _reference_attention(*wide[:3], wide[3:7], indices, transposed, 0.35, wide[7:], vi)
+    tol = dict(rtol=1e-5, atol=1e-5)  # float32 against the definition in float64
+    torch.testing.assert_close(out, ref.float(), **tol)
+    torch.testing.assert_close(lse, ref_lse.detach().float(), **tol)
+    grad = randn(*out.shape, seed=30)
+    leaves = (q, k, v, *weights, *vw)
+    for g, r in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad.double())):
+        torch.testing.assert_close(g, r.float(), **tol)
+
+
+@needs_ops
+def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
+    # RPE_OPS_SIMD=0: every gather takes scalar loads instead of the windows' permutes. The passes and the order of
+    # the additions are the same either way, so the results must be identical, bit for bit.
+    grids = [(5, 5), (4, 7), (14, 14)]
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_rpe_ops import _product_case_results
+        torch.save([_product_case_results(*grid) for grid in {grids!r}], {str(tmp_path / "scalar.pt")!r})
+        """
+    )
+    env = {**os.environ, "RPE_OPS_SIMD": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scalar = torch.load(tmp_path / "scalar.pt")
+    for grid, expected in zip(grids, scalar):
+        for got, want in zip(_product_case_results(*grid), expected):
+            assert torch.equal(got, want), f"grid {grid}: largest difference {(got - want).abs().max().item()}"
+
+
 @needs_ops
 def test_rpe_attention_without_direct_blas_calls() -> None:
     # RPE_OPS_BLAS=0: the block products go through at::addmm_out instead of the BLAS symbol; same results.

@@ -48,6 +48,13 @@
 #include <dlfcn.h>
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RPE_OPS_WINDOWS 1
+#else
+#define RPE_OPS_WINDOWS 0
+#endif
+
 // The element-wise loops are compiled for x86-64-v3 (AVX2 with FMA) and AVX2 as well as the baseline and picked at
 // load time: a wheel built on one machine still runs on an older one. Elsewhere the compiler's baseline vectorisation
 // is used. (GCC resolves an `arch=x86-64-v3` clone by ISA level from version 12 on.)
@@ -97,6 +104,10 @@ inline float exp_nonpositive(float x) {
 // + j: row by row its lookups then walk the keys forwards through at most nb table rows, as a term on keys does
 // (reading the (Lk x nb) table instead costs a cache line per key). In the backward, grad (laid out as rows)
 // receives the bucket sums of the logits' gradient.
+//
+// A float32 term on keys with nb >= kWindow buckets is gathered in a pass of its own (own_pass), through its ids'
+// windows (see "Windowed ids" below) when the CPU has AVX2: a permute per 8 keys instead of 8 loads. The passes, and
+// so the order of the additions, do not depend on whether the windows are there.
 template <typename scalar_t>
 struct TermView {
   const scalar_t* rows;
@@ -105,7 +116,166 @@ struct TermView {
   bool transposed;
   scalar_t* grad;
   int64_t nb;
+  bool own_pass = false;
+  const int32_t* window_base = nullptr;  // (rows x Lk / kWindow), or nullptr: no windows
+  const uint8_t* window_rel = nullptr;   // (rows x Lk)
 };
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Windowed ids. iRPE's bucket ids change slowly along a row (neighbouring keys sit at neighbouring relative
+// positions): of the product method's chunks of 8 keys, 41448 of 41544 at L = 577 and 4672 of 4728 at L = 197 span
+// at most 8 buckets (the others hold the class token's column). The 8 lookups of such a chunk in one table row are
+// one load of the 8 table entries from the chunk's smallest id on and one permute (AVX2 `vpermps`) instead of 8
+// scalar loads. Per chunk the kernels keep base = that smallest id (lowered to nb - 8 if larger, so that the load
+// stays inside the table's row), or -1 when the chunk's ids span more than 8 buckets (its keys then read the int32
+// ids), and per key rel = id - base as a uint8.
+constexpr int64_t kWindow = 8;
+
+// Whether float32 gathers use the windows: on x86-64 CPUs with AVX2, unless RPE_OPS_SIMD=0 (the two paths load the
+// same values; the tests compare them bit for bit).
+bool use_windows() {
+#if RPE_OPS_WINDOWS
+  static const bool on = [] {
+    const char* env = std::getenv("RPE_OPS_SIMD");
+    return __builtin_cpu_supports("avx2") && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// The windows of (rows x cols) ids in [0, nb), nb >= kWindow: base (rows x cols / kWindow) and rel (rows x cols; the
+// tail of a row, past its last whole chunk, is 0).
+void window_ids(const int32_t* __restrict__ ids, int64_t rows, int64_t cols, int64_t nb, int32_t* __restrict__ base,
+                uint8_t* __restrict__ rel) {
+  const int64_t chunks = cols / kWindow;
+  const auto top = static_cast<int32_t>(nb - kWindow);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t* __restrict__ row = ids + i * cols;
+    uint8_t* __restrict__ rel_row = rel + i * cols;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t* __restrict__ x = row + c * kWindow;
+      int32_t lo = x[0], hi = x[0];
+      for (int64_t l = 1; l < kWindow; ++l) {
+        lo = std::min(lo, x[l]);
+        hi = std::max(hi, x[l]);
+      }
+      const int32_t b = hi - lo < kWindow ? std::min(lo, top) : -1;
+      base[i * chunks + c] = b;
+      for (int64_t l = 0; l < kWindow; ++l) {
+        rel_row[c * kWindow + l] = static_cast<uint8_t>(b >= 0 ? x[l] - b : 0);
+      }
+    }
+    std::fill(rel_row + chunks * kWindow, rel_row + cols, uint8_t{0});
+  }
+}
+
+#if RPE_OPS_WINDOWS
+// row[j] (+)= table[id(j)] (+ table2[ids2[j]]) over one row of windowed ids (kOverwrite: row[j] = ...); a second
+// term without windows (table2 not null: a transposed term) is read in the same pass.
+template <bool kOverwrite>
+__attribute__((target("avx2"))) void window_gather_row_avx2(float* __restrict__ row, const float* __restrict__ table,
+                                                           int64_t Lk, const int32_t* __restrict__ ids,
+                                                           const int32_t* __restrict__ base,
+                                                           const uint8_t* __restrict__ rel,
+                                                           const float* __restrict__ table2,
+                                                           const int32_t* __restrict__ ids2) {
+  const int64_t chunks = Lk / kWindow;
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* out = row + c * kWindow;
+    const int32_t b = base[c];
+    __m256 g;
+    if (b >= 0) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel + c * kWindow)));
+      g = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
+    } else {
+      const int32_t* x = ids + c * kWindow;
+      g = _mm256_setr_ps(table[x[0]], table[x[1]], table[x[2]], table[x[3]], table[x[4]], table[x[5]], table[x[6]],
+                         table[x[7]]);
+    }
+    if (table2 != nullptr) {
+      const int32_t* x = ids2 + c * kWindow;
+      g = _mm256_add_ps(g, _mm256_setr_ps(table2[x[0]], table2[x[1]], table2[x[2]], table2[x[3]], table2[x[4]],
+                                          table2[x[5]], table2[x[6]], table2[x[7]]));
+    }
+    _mm256_storeu_ps(out, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(out), g));
+  }
+  for (int64_t j = chunks * kWindow; j < Lk; ++j) {
+    const float g = table[ids[j]] + (table2 != nullptr ? table2[ids2[j]] : 0.0f);
+    row[j] = kOverwrite ? g : row[j] + g;
+  }
+}
+#endif
+
+// row[j] (+)= table[ids[j]] for one row (overwrite: row[j] = ...).
+template <typename scalar_t>
+inline void gather_row_impl(scalar_t* __restrict__ row, const scalar_t* __restrict__ table, int64_t Lk,
+                            const int32_t* __restrict__ ids, bool overwrite) {
+  if (overwrite) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] = table[ids[j]];
+    }
+  } else {
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] += table[ids[j]];
+    }
+  }
+}
+// row[j] (+)= (table[ids[j]] + table2[ids2[j]]): two terms in one pass.
+template <typename scalar_t>
+inline void gather_pair_impl(scalar_t* __restrict__ row, const scalar_t* __restrict__ table,
+                             const int32_t* __restrict__ ids, const scalar_t* __restrict__ table2,
+                             const int32_t* __restrict__ ids2, int64_t Lk, bool overwrite) {
+  if (overwrite) {
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] = table[ids[j]] + table2[ids2[j]];
+    }
+  } else {
+    for (int64_t j = 0; j < Lk; ++j) {
+      row[j] += table[ids[j]] + table2[ids2[j]];
+    }
+  }
+}
+RPE_OPS_CLONES void gather_pair_row(float* row, const float* table, const int32_t* ids, const float* table2,
+                                    const int32_t* ids2, int64_t Lk, bool overwrite) {
+  gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite);
+}
+void gather_pair_row(double* row, const double* table, const int32_t* ids, const double* table2, const int32_t* ids2,
+                     int64_t Lk, bool overwrite) {
+  gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite);
+}
+RPE_OPS_CLONES void gather_row_scalar(float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite) {
+  gather_row_impl(row, table, Lk, ids, overwrite);
+}
+// row[j] (+)= table[ids[j]] (+ table2[ids2[j]] when table2 is not null) for one row, through the windows when base is
+// not null; the sums are the same either way.
+void gather_row(float* row, const float* table, int64_t Lk, const int32_t* ids, const int32_t* base,
+                const uint8_t* rel, bool overwrite, const float* table2 = nullptr, const int32_t* ids2 = nullptr) {
+#if RPE_OPS_WINDOWS
+  if (base != nullptr) {
+    overwrite ? window_gather_row_avx2<true>(row, table, Lk, ids, base, rel, table2, ids2)
+              : window_gather_row_avx2<false>(row, table, Lk, ids, base, rel, table2, ids2);
+    return;
+  }
+#endif
+  (void)base;
+  (void)rel;
+  if (table2 != nullptr) {
+    gather_pair_row(row, table, ids, table2, ids2, Lk, overwrite);
+  } else {
+    gather_row_scalar(row, table, Lk, ids, overwrite);
+  }
+}
+void gather_row(double* row, const double* table, int64_t Lk, const int32_t* ids, const int32_t* /*base*/,
+                const uint8_t* /*rel*/, bool overwrite, const double* table2 = nullptr,
+                const int32_t* ids2 = nullptr) {  // float64 has no windows
+  if (table2 != nullptr) {
+    gather_pair_row(row, table, ids, table2, ids2, Lk, overwrite);
+  } else {
+    gather_row_impl(row, table, Lk, ids, overwrite);
+  }
+}
 
 // Reductions over kLanes independent partial results: a plain `acc += x[j]` loop is a serial dependency the compiler
 // may not reorder (float addition is not associative), so it would not vectorise.
@@ -164,43 +334,39 @@ inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restr
 
 // row[j] = bias(i, j), the sum over the terms (n_terms >= 1) of a gather from one row of a term's table, or from its
 // transposed table. The block's product s q k^T is then added by BLAS (beta = 1), which spares BLAS its pass that
-// zeroes the block for beta = 0 and this loop a load of the row. Terms go two per pass over the row (q and k
-// together).
+// zeroes the block for beta = 0 and this loop a load of the row. A term with a pass of its own takes the next term
+// without one along (q and k in one pass); the rest go two per pass.
 template <typename scalar_t>
-inline void set_bias_row_impl(scalar_t* __restrict__ row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
-                              int64_t i) {
-  for (int64_t t = 0; t < n_terms; t += 2) {
-    const int32_t* __restrict__ ix0 = terms[t].ids + i * Lk;
-    const scalar_t* __restrict__ trow0 = terms[t].rows + i * terms[t].sr;
-    if (t + 1 < n_terms) {
-      const int32_t* __restrict__ ix1 = terms[t + 1].ids + i * Lk;
-      const scalar_t* __restrict__ trow1 = terms[t + 1].rows + i * terms[t + 1].sr;
-      if (t == 0) {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] = trow0[ix0[j]] + trow1[ix1[j]];
-        }
-      } else {
-        for (int64_t j = 0; j < Lk; ++j) {
-          row[j] += trow0[ix0[j]] + trow1[ix1[j]];
-        }
-      }
-    } else if (t == 0) {
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] = trow0[ix0[j]];
-      }
-    } else {
-      for (int64_t j = 0; j < Lk; ++j) {
-        row[j] += trow0[ix0[j]];
-      }
+void set_bias_row(scalar_t* row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms, int64_t i) {
+  int64_t cursor = 0;  // over the terms without a pass of their own, in order
+  auto next_shared = [&]() -> const TermView<scalar_t>* {
+    while (cursor < n_terms && terms[cursor].own_pass) {
+      ++cursor;
     }
+    return cursor < n_terms ? terms + cursor++ : nullptr;
+  };
+  bool first = true;
+  for (int64_t t = 0; t < n_terms; ++t) {
+    const TermView<scalar_t>& term = terms[t];
+    if (!term.own_pass) {
+      continue;
+    }
+    const TermView<scalar_t>* other = next_shared();
+    const bool windows = term.window_base != nullptr;
+    gather_row(row, term.rows + i * term.sr, Lk, term.ids + i * Lk,
+               windows ? term.window_base + i * (Lk / kWindow) : nullptr, windows ? term.window_rel + i * Lk : nullptr,
+               first, other != nullptr ? other->rows + i * other->sr : nullptr,
+               other != nullptr ? other->ids + i * Lk : nullptr);
+    first = false;
   }
-}
-
-RPE_OPS_CLONES void set_bias_row(float* row, int64_t Lk, const TermView<float>* terms, int64_t n_terms, int64_t i) {
-  set_bias_row_impl(row, Lk, terms, n_terms, i);
-}
-void set_bias_row(double* row, int64_t Lk, const TermView<double>* terms, int64_t n_terms, int64_t i) {
-  set_bias_row_impl(row, Lk, terms, n_terms, i);
+  while (const TermView<scalar_t>* a = next_shared()) {
+    if (const TermView<scalar_t>* b = next_shared()) {
+      gather_pair_row(row, a->rows + i * a->sr, a->ids + i * Lk, b->rows + i * b->sr, b->ids + i * Lk, Lk, first);
+    } else {
+      gather_row(row, a->rows + i * a->sr, Lk, a->ids + i * Lk, nullptr, nullptr, first);
+    }
+    first = false;
+  }
 }
 
 RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
@@ -333,6 +499,63 @@ inline void value_row_backward(scalar_t* __restrict__ dp, const scalar_t* __rest
     scratch[ix[j]] += p[j];
   }
   reduce_copies(scratch, nb, out, /*accumulate=*/false);
+}
+
+#if RPE_OPS_WINDOWS
+// value_row_backward over windowed ids: dp's gathers through the windows, the bucket sums of p in the same pass.
+template <bool kOverwrite>
+__attribute__((target("avx2"))) void window_value_row_backward_avx2(
+    float* __restrict__ dp, const float* __restrict__ p, int64_t Lk, const float* __restrict__ table,
+    const int32_t* __restrict__ ix, const int32_t* __restrict__ base, const uint8_t* __restrict__ rel, int64_t nb,
+    float* __restrict__ scratch, float* __restrict__ out) {
+  static_assert(kWindow % kCopies == 0, "a chunk spreads its keys over the copies");
+  std::fill(scratch, scratch + kCopies * nb, 0.0f);
+  const int64_t chunks = Lk / kWindow;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t j0 = c * kWindow;
+    const int32_t b = base[c];
+    __m256 g;
+    if (b >= 0) {
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel + j0)));
+      g = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
+    } else {
+      const int32_t* x = ix + j0;
+      g = _mm256_setr_ps(table[x[0]], table[x[1]], table[x[2]], table[x[3]], table[x[4]], table[x[5]], table[x[6]],
+                         table[x[7]]);
+    }
+    _mm256_storeu_ps(dp + j0, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(dp + j0), g));
+    for (int64_t l = 0; l < kWindow; ++l) {
+      scratch[(l % kCopies) * nb + ix[j0 + l]] += p[j0 + l];
+    }
+  }
+  const int64_t grouped = Lk / kCopies * kCopies;  // value_row_backward's keys in its groups of kCopies
+  for (int64_t j = chunks * kWindow; j < Lk; ++j) {
+    dp[j] = kOverwrite ? table[ix[j]] : dp[j] + table[ix[j]];
+    scratch[(j < grouped ? j % kCopies : 0) * nb + ix[j]] += p[j];
+  }
+  reduce_copies(scratch, nb, out, /*accumulate=*/false);
+}
+#endif
+
+// value_row_backward, through the windows when base is not null (float32 on AVX2).
+void value_row_backward_any(float* dp, const float* p, int64_t Lk, const float* table, const int32_t* ix,
+                            const int32_t* base, const uint8_t* rel, int64_t nb, float* scratch, float* out,
+                            bool overwrite) {
+#if RPE_OPS_WINDOWS
+  if (base != nullptr) {
+    overwrite ? window_value_row_backward_avx2<true>(dp, p, Lk, table, ix, base, rel, nb, scratch, out)
+              : window_value_row_backward_avx2<false>(dp, p, Lk, table, ix, base, rel, nb, scratch, out);
+    return;
+  }
+#endif
+  (void)base;
+  (void)rel;
+  value_row_backward(dp, p, Lk, table, ix, nb, scratch, out, overwrite);
+}
+void value_row_backward_any(double* dp, const double* p, int64_t Lk, const double* table, const int32_t* ix,
+                            const int32_t* /*base*/, const uint8_t* /*rel*/, int64_t nb, double* scratch, double* out,
+                            bool overwrite) {  // float64 has no windows
+  value_row_backward(dp, p, Lk, table, ix, nb, scratch, out, overwrite);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -468,6 +691,9 @@ struct TermSpec {
   int64_t table_offset;  // of its table in a thread's workspace (contextual terms)
   int64_t grad_offset;   // of its table's gradient in a thread's workspace (backward)
   int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward)
+  bool own_pass = false;                 // a float32 term on keys with nb >= kWindow (see TermView)
+  const int32_t* window_base = nullptr;  // its ids' windows, or nullptr
+  const uint8_t* window_rel = nullptr;
   int64_t head_stride() const { return Hw == 1 ? 0 : (contextual ? d * nb : nb); }
 };
 
@@ -479,12 +705,14 @@ struct ValueSpec {
   const int32_t* ids;
   int64_t block_offset;   // of its (rows_per_block x nb) buffers in a thread's workspace, in units of rows_per_block
   int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward), after the logit terms'
+  const int32_t* window_base = nullptr;  // its ids' windows (float32, nb >= kWindow, AVX2), or nullptr
+  const uint8_t* window_rel = nullptr;
   int64_t head_stride() const { return Hw == 1 ? 0 : nb * dv; }
 };
 
 // The terms, checked and brought to the kernels' form; owns the contiguous weights and the int32 ids.
 struct Terms {
-  std::vector<at::Tensor> weights, ids;
+  std::vector<at::Tensor> weights, ids, windows;
   std::vector<TermSpec> specs;
   std::vector<ValueSpec> values;
   int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
@@ -542,6 +770,25 @@ at::Tensor kernel_ids(const char* op, const at::Tensor& index, int64_t nb, bool 
   return offsets;
 }
 
+// Whether a term on keys (or values) with nb buckets is read in a pass of its own: float32 and nb >= kWindow.
+bool own_pass(int64_t nb, at::ScalarType dtype) { return dtype == at::kFloat && nb >= kWindow; }
+
+// The windows of a term's int32 ids (rows x cols), kept alive in `owner`, for a term with a pass of its own;
+// {nullptr, nullptr} without AVX2 (or with RPE_OPS_SIMD=0) and for fewer than kWindow keys.
+std::pair<const int32_t*, const uint8_t*> make_windows(const at::Tensor& ids, int64_t nb, std::vector<at::Tensor>& owner) {
+  const int64_t rows = ids.size(0), cols = ids.size(1);
+  if (!use_windows() || cols < kWindow || rows == 0) {
+    return {nullptr, nullptr};
+  }
+  at::Tensor base = at::empty({rows, cols / kWindow}, ids.options());
+  at::Tensor rel = at::empty({rows, cols}, ids.options().dtype(at::kByte));
+  window_ids(ids.const_data_ptr<int32_t>(), rows, cols, nb, base.mutable_data_ptr<int32_t>(),
+             rel.mutable_data_ptr<uint8_t>());
+  owner.push_back(base);
+  owner.push_back(rel);
+  return {base.const_data_ptr<int32_t>(), rel.const_data_ptr<uint8_t>()};
+}
+
 Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     at::TensorList weights, at::TensorList indices, at::IntArrayRef transposed,
                     at::TensorList value_weights, at::TensorList value_indices) {
@@ -578,9 +825,13 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     TORCH_CHECK(!tr || rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
     terms.ids.push_back(kernel_ids(op, index, nb, tr));
     terms.weights.push_back(weight.contiguous());
-    const TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
-                        terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
-                        terms.weight_elements};
+    TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
+                  terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
+                  terms.weight_elements};
+    spec.own_pass = !tr && own_pass(nb, q.scalar_type());
+    if (spec.own_pass) {
+      std::tie(spec.window_base, spec.window_rel) = make_windows(terms.ids.back(), nb, terms.windows);
+    }
     terms.table_elements += ctx || tr ? rows * nb : 0;  // a transposed bias term gets its row repeated
     terms.grad_elements += rows * nb;
     terms.weight_elements += weight.numel();
@@ -605,9 +856,12 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
                 ": expected bucket ids of shape (", Lq, ", ", Lk, "), got ", index.sizes());
     terms.ids.push_back(kernel_ids(op, index, nb, /*transposed=*/false));
     terms.weights.push_back(weight.contiguous());
-    terms.values.push_back(ValueSpec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
-                                     terms.ids.back().const_data_ptr<int32_t>(), terms.value_nb,
-                                     terms.weight_elements});
+    ValueSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
+                   terms.ids.back().const_data_ptr<int32_t>(), terms.value_nb, terms.weight_elements};
+    if (own_pass(nb, q.scalar_type())) {  // its backward's gathers read the windows
+      std::tie(spec.window_base, spec.window_rel) = make_windows(terms.ids.back(), nb, terms.windows);
+    }
+    terms.values.push_back(spec);
     terms.value_nb += nb;
     terms.weight_elements += weight.numel();
     terms.max_nb = std::max(terms.max_nb, nb);
@@ -623,7 +877,8 @@ void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>
     const TermSpec& spec = terms.specs[t];
     const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
     TermView<scalar_t>& view = views[t];
-    view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb};
+    view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb, spec.own_pass, spec.window_base,
+                              spec.window_rel};
     scalar_t* table = tables + spec.table_offset;
     if (spec.transposed) {  // the (nb x rows) table: s (k W)^T = s W^T k^T, or the weight's column repeated
       if (spec.contextual) {
@@ -819,8 +1074,11 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               for (const ValueSpec& value : terms.values) {
                 const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
                 const int32_t* ix = value.ids + (i0 + r) * Lk;
-                value_row_backward(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix, nb, scratch,
-                                   value_sums + offset, first);
+                const bool windows = value.window_base != nullptr;
+                value_row_backward_any(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix,
+                                       windows ? value.window_base + (i0 + r) * (Lk / kWindow) : nullptr,
+                                       windows ? value.window_rel + (i0 + r) * Lk : nullptr, nb, scratch,
+                                       value_sums + offset, first);
                 first = false;
               }
             }
