@@ -172,6 +172,23 @@ void window_ids(const int32_t* __restrict__ ids, int64_t rows, int64_t cols, int
 }
 
 #if RPE_OPS_WINDOWS
+// table[ids[l]] for the 8 keys of a chunk: by scalar loads, or through the chunk's window (base b >= 0, offsets rel).
+__attribute__((target("avx2"), always_inline)) inline __m256 chunk_lookup_avx2(const float* __restrict__ table,
+                                                                             const int32_t* __restrict__ ids) {
+  return _mm256_setr_ps(table[ids[0]], table[ids[1]], table[ids[2]], table[ids[3]], table[ids[4]], table[ids[5]],
+                        table[ids[6]], table[ids[7]]);
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 chunk_lookup_avx2(const float* __restrict__ table,
+                                                                             const int32_t* __restrict__ ids,
+                                                                             int32_t b,
+                                                                             const uint8_t* __restrict__ rel) {
+  if (b < 0) {
+    return chunk_lookup_avx2(table, ids);
+  }
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel)));
+  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
+}
+
 // row[j] (+)= table[id(j)] (+ table2[ids2[j]]) over one row of windowed ids (kOverwrite: row[j] = ...); a second
 // term without windows (table2 not null: a transposed term) is read in the same pass.
 template <bool kOverwrite>
@@ -183,23 +200,12 @@ __attribute__((target("avx2"))) void window_gather_row_avx2(float* __restrict__ 
                                                            const int32_t* __restrict__ ids2) {
   const int64_t chunks = Lk / kWindow;
   for (int64_t c = 0; c < chunks; ++c) {
-    float* out = row + c * kWindow;
-    const int32_t b = base[c];
-    __m256 g;
-    if (b >= 0) {
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel + c * kWindow)));
-      g = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
-    } else {
-      const int32_t* x = ids + c * kWindow;
-      g = _mm256_setr_ps(table[x[0]], table[x[1]], table[x[2]], table[x[3]], table[x[4]], table[x[5]], table[x[6]],
-                         table[x[7]]);
-    }
+    const int64_t j0 = c * kWindow;
+    __m256 g = chunk_lookup_avx2(table, ids + j0, base[c], rel + j0);
     if (table2 != nullptr) {
-      const int32_t* x = ids2 + c * kWindow;
-      g = _mm256_add_ps(g, _mm256_setr_ps(table2[x[0]], table2[x[1]], table2[x[2]], table2[x[3]], table2[x[4]],
-                                          table2[x[5]], table2[x[6]], table2[x[7]]));
+      g = _mm256_add_ps(g, chunk_lookup_avx2(table2, ids2 + j0));
     }
-    _mm256_storeu_ps(out, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(out), g));
+    _mm256_storeu_ps(row + j0, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(row + j0), g));
   }
   for (int64_t j = chunks * kWindow; j < Lk; ++j) {
     const float g = table[ids[j]] + (table2 != nullptr ? table2[ids2[j]] : 0.0f);
@@ -513,16 +519,7 @@ __attribute__((target("avx2"))) void window_value_row_backward_avx2(
   const int64_t chunks = Lk / kWindow;
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t j0 = c * kWindow;
-    const int32_t b = base[c];
-    __m256 g;
-    if (b >= 0) {
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel + j0)));
-      g = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
-    } else {
-      const int32_t* x = ix + j0;
-      g = _mm256_setr_ps(table[x[0]], table[x[1]], table[x[2]], table[x[3]], table[x[4]], table[x[5]], table[x[6]],
-                         table[x[7]]);
-    }
+    const __m256 g = chunk_lookup_avx2(table, ix + j0, base[c], rel + j0);
     _mm256_storeu_ps(dp + j0, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(dp + j0), g));
     for (int64_t l = 0; l < kWindow; ++l) {
       scratch[(l % kCopies) * nb + ix[j0 + l]] += p[j0 + l];
