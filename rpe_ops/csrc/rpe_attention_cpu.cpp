@@ -40,6 +40,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "rpe_ops.h"
@@ -254,15 +255,21 @@ void gather_pair_row(double* row, const double* table, const int32_t* ids, const
 RPE_OPS_CLONES void gather_row_scalar(float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite) {
   gather_row_impl(row, table, Lk, ids, overwrite);
 }
+void gather_row_scalar(double* row, const double* table, int64_t Lk, const int32_t* ids, bool overwrite) {
+  gather_row_impl(row, table, Lk, ids, overwrite);
+}
 // row[j] (+)= table[ids[j]] (+ table2[ids2[j]] when table2 is not null) for one row, through the windows when base is
-// not null; the sums are the same either way.
-void gather_row(float* row, const float* table, int64_t Lk, const int32_t* ids, const int32_t* base,
-                const uint8_t* rel, bool overwrite, const float* table2 = nullptr, const int32_t* ids2 = nullptr) {
+// not null (float32 only); the sums are the same either way.
+template <typename scalar_t>
+void gather_row(scalar_t* row, const scalar_t* table, int64_t Lk, const int32_t* ids, const int32_t* base,
+                const uint8_t* rel, bool overwrite, const scalar_t* table2 = nullptr, const int32_t* ids2 = nullptr) {
 #if RPE_OPS_WINDOWS
-  if (base != nullptr) {
-    overwrite ? window_gather_row_avx2<true>(row, table, Lk, ids, base, rel, table2, ids2)
-              : window_gather_row_avx2<false>(row, table, Lk, ids, base, rel, table2, ids2);
-    return;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (base != nullptr) {
+      overwrite ? window_gather_row_avx2<true>(row, table, Lk, ids, base, rel, table2, ids2)
+                : window_gather_row_avx2<false>(row, table, Lk, ids, base, rel, table2, ids2);
+      return;
+    }
   }
 #endif
   (void)base;
@@ -271,15 +278,6 @@ void gather_row(float* row, const float* table, int64_t Lk, const int32_t* ids, 
     gather_pair_row(row, table, ids, table2, ids2, Lk, overwrite);
   } else {
     gather_row_scalar(row, table, Lk, ids, overwrite);
-  }
-}
-void gather_row(double* row, const double* table, int64_t Lk, const int32_t* ids, const int32_t* /*base*/,
-                const uint8_t* /*rel*/, bool overwrite, const double* table2 = nullptr,
-                const int32_t* ids2 = nullptr) {  // float64 has no windows
-  if (table2 != nullptr) {
-    gather_pair_row(row, table, ids, table2, ids2, Lk, overwrite);
-  } else {
-    gather_row_impl(row, table, Lk, ids, overwrite);
   }
 }
 
@@ -535,23 +533,21 @@ __attribute__((target("avx2"))) void window_value_row_backward_avx2(
 #endif
 
 // value_row_backward, through the windows when base is not null (float32 on AVX2).
-void value_row_backward_any(float* dp, const float* p, int64_t Lk, const float* table, const int32_t* ix,
-                            const int32_t* base, const uint8_t* rel, int64_t nb, float* scratch, float* out,
+template <typename scalar_t>
+void value_row_backward_any(scalar_t* dp, const scalar_t* p, int64_t Lk, const scalar_t* table, const int32_t* ix,
+                            const int32_t* base, const uint8_t* rel, int64_t nb, scalar_t* scratch, scalar_t* out,
                             bool overwrite) {
 #if RPE_OPS_WINDOWS
-  if (base != nullptr) {
-    overwrite ? window_value_row_backward_avx2<true>(dp, p, Lk, table, ix, base, rel, nb, scratch, out)
-              : window_value_row_backward_avx2<false>(dp, p, Lk, table, ix, base, rel, nb, scratch, out);
-    return;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (base != nullptr) {
+      overwrite ? window_value_row_backward_avx2<true>(dp, p, Lk, table, ix, base, rel, nb, scratch, out)
+                : window_value_row_backward_avx2<false>(dp, p, Lk, table, ix, base, rel, nb, scratch, out);
+      return;
+    }
   }
 #endif
   (void)base;
   (void)rel;
-  value_row_backward(dp, p, Lk, table, ix, nb, scratch, out, overwrite);
-}
-void value_row_backward_any(double* dp, const double* p, int64_t Lk, const double* table, const int32_t* ix,
-                            const int32_t* /*base*/, const uint8_t* /*rel*/, int64_t nb, double* scratch, double* out,
-                            bool overwrite) {  // float64 has no windows
   value_row_backward(dp, p, Lk, table, ix, nb, scratch, out, overwrite);
 }
 
