@@ -666,6 +666,19 @@ def per_row_table(weight: torch.Tensor, is_bias: bool, x: torch.Tensor, scale: f
 _CACHE_SIZE = 8  # distinct (grid, skip, device, dtype) keys kept per module: enough for multi-resolution eval
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_bucket_ids(
+    method: int, height: int, width: int, skip: int, alpha: float, beta: float, gamma: float, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """``get_bucket_ids_2d`` (int64) memoised for the whole process: the encodings of every layer with one config
+    (in the zoo's models those on queries, keys and values too) then hold one ids tensor, not one each, and the
+    fused CPU kernel brings the ids of a call's terms to its int32 form once. The tensor is shared: never write to
+    it. Built outside inference mode, so that a model trained after another was evaluated can save the ids for
+    backward."""
+    with torch.inference_mode(False):
+        return get_bucket_ids_2d(method, height, width, skip, alpha, beta, gamma, torch.long, device)
+
+
 class iRPE(nn.Module):
     """One relative position encoding: on queries or keys (``transposed=True``) or on values.
 
@@ -678,7 +691,8 @@ class iRPE(nn.Module):
     * values (not ``transposed``): ``x = attn (B, H, L, L)`` -> ``(B, H, L, d)`` to add to ``attn @ v``.
 
     Bucket ids are cached per module in a small LRU keyed by grid, skip, device and dtype; the cache is not part of
-    the ``state_dict`` and is emptied when the module moves (``.to()``, ``.cuda()``...).
+    the ``state_dict`` and is emptied when the module moves (``.to()``, ``.cuda()``...). Modules with the same method
+    and coefficients share the cached tensors.
     """
 
     def __init__(
@@ -758,7 +772,8 @@ class iRPE(nn.Module):
         return height, width, skip
 
     def get_bucket_ids(self, height: int, width: int, skip: int, device: torch.device) -> torch.Tensor:
-        """Cached bucket ids ``(skip + height * width, skip + height * width)`` (int64) on ``device``.
+        """Cached bucket ids ``(skip + height * width, skip + height * width)`` (int64) on ``device``, shared with the
+        modules of the same method and coefficients (read-only).
 
         While tracing (``torch.jit.trace``, ``torch.compile``, ``torch.export``) the ids are computed, not cached: they
         are part of the traced computation, the same in every trace, and never a traced tensor left in the cache.
@@ -768,9 +783,11 @@ class iRPE(nn.Module):
         ids = None if tracing else self._bucket_cache.get(key)
         if ids is None:
             config = self.rpe_config
-            ids, num_buckets = get_bucket_ids_2d(
-                self.method, height, width, skip, config.alpha, config.beta, config.gamma, torch.long, device
-            )
+            args = (self.method, height, width, skip, config.alpha, config.beta, config.gamma)
+            if tracing:
+                ids, num_buckets = get_bucket_ids_2d(*args, torch.long, device)
+            else:
+                ids, num_buckets = _shared_bucket_ids(*args, torch.device(device))
             if num_buckets != self.num_buckets:
                 raise ValueError(
                     f"the grid gives {num_buckets} buckets but this module has {self.num_buckets}: skip={skip} "

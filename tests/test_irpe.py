@@ -443,6 +443,24 @@ def test_bucket_cache_is_bounded_not_persistent_and_follows_to():
     assert module._bucket_cache[(3, 3, 1, torch.device("cpu"), torch.long)] is ids
 
 
+def test_modules_with_one_config_share_their_ids_outside_inference_mode():
+    # Every layer's encodings on queries, keys and values with one config hold one ids tensor (the fused CPU kernel
+    # then prepares it once per call); another method gets its own. Ids first built under inference_mode are normal
+    # tensors: a model trained afterwards saves them for backward.
+    device = torch.device("cpu")
+    with torch.inference_mode():
+        first = _module("k").get_bucket_ids(5, 6, 1, device)
+    assert not first.is_inference()
+    for rpe_on in ("q", "k", "v"):
+        assert _module(rpe_on).get_bucket_ids(5, 6, 1, device) is first
+    assert _module("k", method="euc").get_bucket_ids(5, 6, 1, device) is not first
+    assert _module("k").get_bucket_ids(6, 5, 1, device) is not first
+    module = _module("k")
+    x = torch.randn(1, 2, 31, 8, requires_grad=True)
+    module(x, height=5, width=6).sum().backward()
+    assert x.grad is not None
+
+
 def test_two_leading_tokens_share_the_extra_bucket():
     # A distilled model has a class and a distillation token: both use the one extra bucket.
     module = _module(skip=2)

@@ -660,6 +660,21 @@ def test_rpe_attention_on_product_ids_matches_its_definition(grid) -> None:
 
 
 @needs_ops
+def test_rpe_attention_terms_sharing_ids_match_terms_with_their_own() -> None:
+    # _product_case passes one ids tensor to three logit terms (one transposed) and the value term: the kernel brings
+    # it to its int32 form, windows and transposed offsets once. Copies per term (int32 for some) must give the same
+    # results, bit for bit.
+    shared = _product_case_results(4, 7)
+    q, k, v, weights, indices, transposed, vw, vi = _product_case(4, 7, requires_grad=True)
+    assert all(index is vi[0] for index in indices[:3])
+    indices = [indices[0].clone(), indices[1].int(), indices[2].clone(), indices[3]]
+    out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, 0.35, vw, [vi[0].int()])
+    grads = torch.autograd.grad(out, (q, k, v, *weights, *vw), randn(*out.shape, seed=30))
+    for got, want in zip([out, lse, *grads], shared):
+        assert torch.equal(got, want)
+
+
+@needs_ops
 def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
     # RPE_OPS_SIMD=0: every gather takes scalar loads instead of the windows' permutes. The passes and the order of
     # the additions are the same either way, so the results must be identical, bit for bit.

@@ -34,6 +34,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <deque>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
@@ -146,13 +148,13 @@ bool use_windows() {
 #endif
 }
 
-// The windows of (rows x cols) ids in [0, nb), nb >= kWindow: base (rows x cols / kWindow) and rel (rows x cols; the
-// tail of a row, past its last whole chunk, is 0).
+// The windows of rows [i0, i1) of (rows x cols) ids in [0, nb), nb >= kWindow: base (rows x cols / kWindow) and rel
+// (rows x cols; the tail of a row, past its last whole chunk, is 0).
 void window_ids(const int32_t* __restrict__ ids, int64_t rows, int64_t cols, int64_t nb, int32_t* __restrict__ base,
-                uint8_t* __restrict__ rel) {
+                uint8_t* __restrict__ rel, int64_t i0, int64_t i1) {
   const int64_t chunks = cols / kWindow;
   const auto top = static_cast<int32_t>(nb - kWindow);
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int32_t* __restrict__ row = ids + i * cols;
     uint8_t* __restrict__ rel_row = rel + i * cols;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -703,15 +705,6 @@ struct ValueSpec {
   int64_t head_stride() const { return Hw == 1 ? 0 : nb * dv; }
 };
 
-// The terms, checked and brought to the kernels' form; owns the contiguous weights and the int32 ids.
-struct Terms {
-  std::vector<at::Tensor> weights, ids, windows;
-  std::vector<TermSpec> specs;
-  std::vector<ValueSpec> values;
-  int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
-  int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
-};
-
 // Bucket ids as the kernels read them, range-checked in the same pass as the cast to int32 (separately, the check,
 // the cast and the transposed copy took about 1 ms per term and call at L = 577). Returns false when an id lies
 // outside [0, nb).
@@ -732,10 +725,10 @@ RPE_OPS_CLONES bool narrow_ids(const int32_t* ids, int64_t n, int64_t nb, int32_
   return narrow_ids_impl(ids, n, nb, out);
 }
 
-// ids[i, j] = ids[i, j] * rows + j for the (cols x rows) transposed ids of a transposed term: offsets into its
-// (nb x rows) table.
-RPE_OPS_CLONES void add_key_offsets(int32_t* __restrict__ ids, int64_t cols, int64_t rows) {
-  for (int64_t i = 0; i < cols; ++i) {
+// ids[i, j] = ids[i, j] * rows + j for rows [i0, i1) of the (cols x rows) transposed ids of a transposed term:
+// offsets into its (nb x rows) table.
+RPE_OPS_CLONES void add_key_offsets(int32_t* __restrict__ ids, int64_t rows, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
     int32_t* __restrict__ row = ids + i * rows;
     for (int64_t j = 0; j < rows; ++j) {
       row[j] = row[j] * static_cast<int32_t>(rows) + static_cast<int32_t>(j);
@@ -743,43 +736,102 @@ RPE_OPS_CLONES void add_key_offsets(int32_t* __restrict__ ids, int64_t cols, int
   }
 }
 
-// The int32 ids of one term (rows x cols) or, transposed, its (cols x rows) table offsets, ids[j, i] * rows + j; an
-// id outside [0, nb) raises check_index_range_cpu's error. The caller checks that rows * nb fits in int32.
-at::Tensor kernel_ids(const char* op, const at::Tensor& index, int64_t nb, bool transposed) {
+// Per-call passes over the ids (cast, offsets, windows) run in parallel in pieces of about this many ids.
+constexpr int64_t kIdsGrain = int64_t{1} << 15;
+
+// Rows per piece of such a pass over ids with cols columns.
+int64_t rows_grain(int64_t cols) { return std::max<int64_t>(1, kIdsGrain / std::max<int64_t>(cols, 1)); }
+
+// The int32 ids of an ids tensor (rows x cols); an id outside [0, nb) raises check_index_range_cpu's error.
+at::Tensor narrow_ids(const char* op, const at::Tensor& index, int64_t nb) {
   const at::Tensor idx = index.contiguous();
   at::Tensor out = at::empty(idx.sizes(), idx.options().dtype(at::kInt));
   int32_t* o = out.mutable_data_ptr<int32_t>();
-  const bool ok = idx.scalar_type() == at::kLong ? narrow_ids(idx.const_data_ptr<int64_t>(), idx.numel(), nb, o)
-                                                 : narrow_ids(idx.const_data_ptr<int32_t>(), idx.numel(), nb, o);
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, idx.numel(), kIdsGrain, [&](int64_t t0, int64_t t1) {
+    const bool piece_ok = idx.scalar_type() == at::kLong
+                              ? narrow_ids(idx.const_data_ptr<int64_t>() + t0, t1 - t0, nb, o + t0)
+                              : narrow_ids(idx.const_data_ptr<int32_t>() + t0, t1 - t0, nb, o + t0);
+    if (!piece_ok) {
+      ok = false;
+    }
+  });
   if (!ok) {
     check_index_range_cpu(op, idx, nb);  // raises, saying which ids
     TORCH_CHECK(false, op, ": bucket ids must lie in [0, ", nb, ")");
   }
-  if (!transposed) {
-    return out;
-  }
-  at::Tensor offsets = out.t().contiguous();  // ATen's blocked transpose
-  add_key_offsets(offsets.mutable_data_ptr<int32_t>(), offsets.size(0), offsets.size(1));
+  return out;
+}
+
+// A transposed term's (cols x rows) table offsets, ids[j, i] * rows + j, from the int32 ids (rows x cols). The
+// caller checks that rows * nb fits in int32.
+at::Tensor transposed_offsets(const at::Tensor& ids) {
+  at::Tensor offsets = ids.t().contiguous();  // ATen's blocked transpose
+  const int64_t cols = offsets.size(0), rows = offsets.size(1);
+  int32_t* o = offsets.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, cols, rows_grain(rows), [&](int64_t i0, int64_t i1) { add_key_offsets(o, rows, i0, i1); });
   return offsets;
 }
 
 // Whether a term on keys (or values) with nb buckets is read in a pass of its own: float32 and nb >= kWindow.
 bool own_pass(int64_t nb, at::ScalarType dtype) { return dtype == at::kFloat && nb >= kWindow; }
 
-// The windows of a term's int32 ids (rows x cols), kept alive in `owner`, for a term with a pass of its own;
-// {nullptr, nullptr} without AVX2 (or with RPE_OPS_SIMD=0) and for fewer than kWindow keys.
-std::pair<const int32_t*, const uint8_t*> make_windows(const at::Tensor& ids, int64_t nb, std::vector<at::Tensor>& owner) {
-  const int64_t rows = ids.size(0), cols = ids.size(1);
-  if (!use_windows() || cols < kWindow || rows == 0) {
-    return {nullptr, nullptr};
+// One ids tensor in the kernels' forms, each built on first use: the int32 ids, their windows (float32 terms with a
+// pass of their own, on AVX2) and a transposed term's offsets. The terms of one call that pass the same ids tensor
+// with the same nb share them: iRPE's encodings on queries, keys and values of a layer look up one ids tensor.
+struct KernelIds {
+  const c10::TensorImpl* source;
+  int64_t nb;
+  at::Tensor ids, base, rel, offsets;
+
+  // The windows of the ids, or {nullptr, nullptr} without AVX2 (or with RPE_OPS_SIMD=0) and for fewer than kWindow
+  // keys.
+  std::pair<const int32_t*, const uint8_t*> windows() {
+    const int64_t rows = ids.size(0), cols = ids.size(1);
+    if (!use_windows() || cols < kWindow || rows == 0) {
+      return {nullptr, nullptr};
+    }
+    if (!base.defined()) {
+      base = at::empty({rows, cols / kWindow}, ids.options());
+      rel = at::empty({rows, cols}, ids.options().dtype(at::kByte));
+      const int32_t* x = ids.const_data_ptr<int32_t>();
+      int32_t* b = base.mutable_data_ptr<int32_t>();
+      uint8_t* r = rel.mutable_data_ptr<uint8_t>();
+      at::parallel_for(0, rows, rows_grain(cols), [&](int64_t i0, int64_t i1) {
+        window_ids(x, rows, cols, nb, b, r, i0, i1);
+      });
+    }
+    return {base.const_data_ptr<int32_t>(), rel.const_data_ptr<uint8_t>()};
   }
-  at::Tensor base = at::empty({rows, cols / kWindow}, ids.options());
-  at::Tensor rel = at::empty({rows, cols}, ids.options().dtype(at::kByte));
-  window_ids(ids.const_data_ptr<int32_t>(), rows, cols, nb, base.mutable_data_ptr<int32_t>(),
-             rel.mutable_data_ptr<uint8_t>());
-  owner.push_back(base);
-  owner.push_back(rel);
-  return {base.const_data_ptr<int32_t>(), rel.const_data_ptr<uint8_t>()};
+
+  const int32_t* transposed() {
+    if (!offsets.defined()) {
+      offsets = transposed_offsets(ids);
+    }
+    return offsets.const_data_ptr<int32_t>();
+  }
+};
+
+// The terms, checked and brought to the kernels' form; owns the contiguous weights and the ids' forms.
+struct Terms {
+  std::vector<at::Tensor> weights;
+  std::deque<KernelIds> ids;  // a deque: the specs point into its elements' tensors, which stay where they are
+  std::vector<TermSpec> specs;
+  std::vector<ValueSpec> values;
+  int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
+  int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
+};
+
+// The kernels' forms of an ids tensor with nb buckets: those of an earlier term of the call with the same tensor and
+// nb, or new ones.
+KernelIds& kernel_ids(const char* op, Terms& terms, const at::Tensor& index, int64_t nb) {
+  for (KernelIds& ids : terms.ids) {
+    if (ids.source == index.unsafeGetTensorImpl() && ids.nb == nb) {
+      return ids;
+    }
+  }
+  terms.ids.push_back(KernelIds{index.unsafeGetTensorImpl(), nb, narrow_ids(op, index, nb), {}, {}, {}});
+  return terms.ids.back();
 }
 
 Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -816,14 +868,14 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     // A transposed term's ids are kept as flat offsets into its transposed (nb x rows) table: its gathers and
     // scatters then take one int32 load per logit, like a term on keys.
     TORCH_CHECK(!tr || rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
-    terms.ids.push_back(kernel_ids(op, index, nb, tr));
+    KernelIds& ids = kernel_ids(op, terms, index, nb);
     terms.weights.push_back(weight.contiguous());
     TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
-                  terms.ids.back().const_data_ptr<int32_t>(), terms.table_elements, terms.grad_elements,
-                  terms.weight_elements};
+                  tr ? ids.transposed() : ids.ids.const_data_ptr<int32_t>(), terms.table_elements,
+                  terms.grad_elements, terms.weight_elements};
     spec.own_pass = !tr && own_pass(nb, q.scalar_type());
     if (spec.own_pass) {
-      std::tie(spec.window_base, spec.window_rel) = make_windows(terms.ids.back(), nb, terms.windows);
+      std::tie(spec.window_base, spec.window_rel) = ids.windows();
     }
     terms.table_elements += ctx || tr ? rows * nb : 0;  // a transposed bias term gets its row repeated
     terms.grad_elements += rows * nb;
@@ -847,12 +899,12 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
                 ": expected int64 or int32 bucket ids, got ", index.scalar_type());
     TORCH_CHECK(index.dim() == 2 && index.size(0) == Lq && index.size(1) == Lk, op, ": value term ", u,
                 ": expected bucket ids of shape (", Lq, ", ", Lk, "), got ", index.sizes());
-    terms.ids.push_back(kernel_ids(op, index, nb, /*transposed=*/false));
+    KernelIds& ids = kernel_ids(op, terms, index, nb);
     terms.weights.push_back(weight.contiguous());
-    ValueSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
-                   terms.ids.back().const_data_ptr<int32_t>(), terms.value_nb, terms.weight_elements};
+    ValueSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv, ids.ids.const_data_ptr<int32_t>(),
+                   terms.value_nb, terms.weight_elements};
     if (own_pass(nb, q.scalar_type())) {  // its backward's gathers read the windows
-      std::tie(spec.window_base, spec.window_rel) = make_windows(terms.ids.back(), nb, terms.windows);
+      std::tie(spec.window_base, spec.window_rel) = ids.windows();
     }
     terms.values.push_back(spec);
     terms.value_nb += nb;
