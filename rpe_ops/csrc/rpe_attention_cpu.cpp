@@ -35,7 +35,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <deque>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
@@ -815,7 +814,7 @@ struct KernelIds {
 // The terms, checked and brought to the kernels' form; owns the contiguous weights and the ids' forms.
 struct Terms {
   std::vector<at::Tensor> weights;
-  std::deque<KernelIds> ids;  // a deque: the specs point into its elements' tensors, which stay where they are
+  std::vector<KernelIds> ids;  // the specs point into their tensors' data, which stays put when the vector grows
   std::vector<TermSpec> specs;
   std::vector<ValueSpec> values;
   int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
