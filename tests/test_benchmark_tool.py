@@ -53,6 +53,29 @@ def test_benchmark_cli_reports_ratios(malloc):
         assert row["targets"] == dict.fromkeys(("train_ratio", "memory_ratio", "infer_ratio"))  # none for DeiT-Ti
 
 
+def test_benchmark_breakdown_splits_profiled_steps_into_attention_and_the_rest():
+    cmd = [
+        sys.executable,
+        "tools/benchmark.py",
+        *("--models", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--impls", "auto", "--malloc", "default"),
+        *("--threads", "1", "--breakdown", "2", "--json", *TINY),
+    ]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert set(row["breakdown"]) == {"train", "infer"}
+    for kind, parts in row["breakdown"].items():
+        # both models run a fused attention op (rpe_ops' kernel or PyTorch's) and other ops in every step
+        assert all(parts[f"{prefix}{part}_ms"] > 0 for prefix in ("", "baseline_") for part in ("attention", "rest"))
+        assert parts["attention_ms"] + parts["rest_ms"] < 4 * row[f"{kind}_ms"], (kind, parts)  # ms, not us
+    table = benchmark.format_table([benchmark.Result(**row)])
+    assert "Where the time goes" in table and "| 32 (5) | train |" in table and "| 32 (5) | infer |" in table
+    for bad, message in (("-1", "expected a count of steps >= 0"), ("1 --device cuda", "expected a CPU measurement")):
+        cmd = [sys.executable, "tools/benchmark.py", "--malloc", "default", "--breakdown", *bad.split()]
+        result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 2 and f"error: --breakdown {bad.split()[0]}: {message}" in result.stderr
+
+
 def test_benchmark_cli_rejects_a_model_of_unknown_size():
     cmd = [sys.executable, "tools/benchmark.py", "--models", "vit_huge_rpe", "--malloc", "default", *TINY]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)

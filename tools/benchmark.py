@@ -20,10 +20,15 @@ reports the median minor page faults per train step either way.
 table has a row per size, and a last section gives each path's memory ratio as a function of L (the ``math`` path
 keeps ``(B, H, L, L)`` probabilities, so its ratio grows with L; the fused paths' should stay flat).
 
+``--breakdown STEPS`` (CPU) then profiles STEPS more interleaved steps of each kind per model and splits each step's
+self CPU time into the fused attention ops (forward and backward) and everything else: where an iRPE model's extra
+time is spent (the other ops should cost the same in both models). The profiled steps are not the timed ones.
+
 Examples:
     python tools/benchmark.py                                   # CPU targets: 2 threads, batch 8, 224, fp32
     python tools/benchmark.py --img-size 224 384 --malloc default --steps 10   # the targets at both resolutions
     python tools/benchmark.py --impls math sdpa --steps 5       # compare attention paths
+    python tools/benchmark.py --img-size 384 --malloc default --steps 6 --breakdown 4   # and where the time goes
     python tools/benchmark.py --device cuda --amp-dtype bfloat16 --batch-size 128 --impls auto flex
 """
 
@@ -94,6 +99,9 @@ class Result:
     train_faults: float = 0.0
     baseline_train_faults: float = 0.0
     targets: dict[str, float | None] = field(default_factory=dict)
+    # --breakdown: per step kind ("train", "infer"), medians of profiled self CPU time in ms: attention_ms, rest_ms
+    # and baseline_attention_ms, baseline_rest_ms
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _rss_kib(field_name: str) -> int:
@@ -177,6 +185,47 @@ class Runner:
         return peak.peak_mib
 
 
+# Profiler keys of the fused attention ops, forward and backward (PyTorch's ``_scaled_dot_product_*attention*``,
+# ``rpe_ops::rpe_attention*``); the math path's matmuls and softmax count as other ops.
+ATTENTION_KEY = "attention"
+
+
+def profiled_split(step) -> tuple[float, float]:
+    """Self CPU time in ms of one call of ``step``, as (attention ops, every other op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    attention = rest = 0.0
+    for event in prof.key_averages():
+        if ATTENTION_KEY in event.key:
+            attention += event.self_cpu_time_total / 1e3
+        else:
+            rest += event.self_cpu_time_total / 1e3
+    return attention, rest
+
+
+def breakdown(ours: Runner, plain: Runner, steps: int) -> dict[str, dict[str, float]]:
+    """Attention ops against the rest, for both models: medians of ``steps`` interleaved profiled train steps and
+    inference passes (after one unrecorded profiled pass each, which pays the profiler's start-up)."""
+    for runner in (ours, plain):
+        profiled_split(runner.infer)
+    parts: dict[str, dict[str, list[tuple[float, float]]]] = {
+        kind: {"ours": [], "plain": []} for kind in ("train", "infer")
+    }
+    for step in range(steps):
+        pair = (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
+        for kind in ("train", "infer"):
+            for key, runner in pair:
+                parts[kind][key].append(profiled_split(runner.train_step if kind == "train" else runner.infer))
+    result = {}
+    for kind, by_model in parts.items():
+        result[kind] = {
+            f"{prefix}{part}_ms": statistics.median(split[index] for split in by_model[key])
+            for key, prefix in (("ours", ""), ("plain", "baseline_"))
+            for index, part in enumerate(("attention", "rest"))
+        }
+    return result
+
+
 def _plain_name(model_name: str) -> str:
     size = model_name.split("_")[1]
     if size not in PLAIN_FOR_SIZE:
@@ -206,6 +255,7 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
             faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         for key, runner in pair:
             infer[key].append(runner.infer())
+    parts = breakdown(ours, plain, args.breakdown) if args.breakdown > 0 else {}
     del ours, plain
     peak_ours, peak_plain = measure_memory(model_name, impl, args, device)
     train_ratio = statistics.median(a / b for a, b in zip(train["ours"], train["plain"]))
@@ -234,6 +284,7 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
         train_faults=statistics.median(faults["ours"]),
         baseline_train_faults=statistics.median(faults["plain"]),
         targets=dict(zip(("train_ratio", "memory_ratio", "infer_ratio"), targets)),
+        breakdown=parts,
     )
 
 
@@ -300,6 +351,10 @@ def _verdict(value: float, target: float | None) -> str:
     return f" (<= {target:.2f}: {'MET' if value <= target else 'NOT MET'})"
 
 
+def _ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.3f}" if baseline > 0 else "-"
+
+
 def format_table(results: list[Result]) -> str:
     """Markdown table of the results, with a line per target."""
     lines = [
@@ -325,6 +380,26 @@ def format_table(results: list[Result]) -> str:
                 f"memory {r.memory_ratio:.3f}x{_verdict(r.memory_ratio, t['memory_ratio'])}, "
                 f"inference {r.infer_ratio:.3f}x{_verdict(r.infer_ratio, t['infer_ratio'])}"
             )
+    split = [r for r in results if r.breakdown]
+    if split:
+        lines += [
+            *([""] if lines[-1] else []),
+            "Where the time goes (profiled self CPU time per step, medians; attention = the fused attention ops, "
+            "forward and backward):",
+            "",
+            "| model | attn | img (L) | step | attention ms (plain) | attention ratio | other ops ms (plain) "
+            "| other ops ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in split:
+            for kind, b in r.breakdown.items():
+                lines.append(
+                    f"| {r.model} | {r.attn_impl} | {r.input_size} ({r.seq_len}) | {kind} "
+                    f"| {b['attention_ms']:.0f} ({b['baseline_attention_ms']:.0f}) "
+                    f"| {_ratio(b['attention_ms'], b['baseline_attention_ms'])} "
+                    f"| {b['rest_ms']:.0f} ({b['baseline_rest_ms']:.0f}) "
+                    f"| {_ratio(b['rest_ms'], b['baseline_rest_ms'])} |"
+                )
     growth = memory_growth(results)
     if growth:
         lines += ["", "Memory ratio vs sequence length L:", ""]
@@ -373,6 +448,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="keep",
         help="CPU: time with glibc keeping freed memory mapped (keep, default) or with glibc's defaults",
     )
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="CPU: also profile STEPS interleaved steps of each kind and split their time into the attention ops "
+        "and the rest (default 0: no profiling)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -391,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [size for size in args.img_sizes if size <= 0 or size % 16]
     if bad:
         print(f"error: --img-size {bad[0]}: expected a positive multiple of the patch size (16)", file=sys.stderr)
+        return 2
+    if args.breakdown < 0 or (args.breakdown > 0 and device.type != "cpu"):
+        what = "a CPU measurement (the profiler's CPU times)" if args.breakdown > 0 else "a count of steps >= 0"
+        print(f"error: --breakdown {args.breakdown}: expected {what}", file=sys.stderr)
         return 2
     args.input_size = args.img_sizes[0]
     if args.memory_child:
