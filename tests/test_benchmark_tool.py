@@ -21,22 +21,19 @@ import benchmark  # noqa: E402
 TINY = ["--input-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--memory-repeats", "1"]
 
 
+def _tool(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs tools/<script> with args from the repository root."""
+    cmd = [sys.executable, f"tools/{script}", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 @pytest.mark.parametrize("malloc", ["keep", "default"])
 def test_benchmark_cli_reports_ratios(malloc):
-    cmd = [
-        sys.executable,
-        "tools/benchmark.py",
-        "--models",
-        "deit_tiny_patch16_224_ctx_product_50_shared_k",
-        "--impls",
-        "auto",
-        "math",
-        "--malloc",
-        malloc,
-        "--json",
-        *TINY,
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    result = _tool(
+        "benchmark.py",
+        *("--models", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--impls", "auto", "math"),
+        *("--malloc", malloc, "--json", *TINY),
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [r["attn_impl"] for r in rows] == ["auto", "math"]
@@ -54,13 +51,11 @@ def test_benchmark_cli_reports_ratios(malloc):
 
 
 def test_benchmark_breakdown_splits_profiled_steps_into_attention_and_the_rest():
-    cmd = [
-        sys.executable,
-        "tools/benchmark.py",
+    result = _tool(
+        "benchmark.py",
         *("--models", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--impls", "auto", "--malloc", "default"),
         *("--threads", "1", "--breakdown", "2", "--json", *TINY),
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    )
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     assert set(row["breakdown"]) == {"train", "infer"}
@@ -71,26 +66,22 @@ def test_benchmark_breakdown_splits_profiled_steps_into_attention_and_the_rest()
     table = benchmark.format_table([benchmark.Result(**row)])
     assert "Where the time goes" in table and "| 32 (5) | train |" in table and "| 32 (5) | infer |" in table
     for bad, message in (("-1", "expected a count of steps >= 0"), ("1 --device cuda", "expected a CPU measurement")):
-        cmd = [sys.executable, "tools/benchmark.py", "--malloc", "default", "--breakdown", *bad.split()]
-        result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+        result = _tool("benchmark.py", "--malloc", "default", "--breakdown", *bad.split())
         assert result.returncode == 2 and f"error: --breakdown {bad.split()[0]}: {message}" in result.stderr
 
 
 def test_benchmark_cli_rejects_a_model_of_unknown_size():
-    cmd = [sys.executable, "tools/benchmark.py", "--models", "vit_huge_rpe", "--malloc", "default", *TINY]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    result = _tool("benchmark.py", "--models", "vit_huge_rpe", "--malloc", "default", *TINY)
     assert result.returncode != 0
     assert "cannot tell the DeiT size of 'vit_huge_rpe'" in result.stderr
 
 
 def test_attention_benchmark_cli_reports_every_variant():
-    cmd = [
-        sys.executable,
-        "tools/benchmark_attention.py",
+    result = _tool(
+        "benchmark_attention.py",
         *("--impls", "auto", "sdpa", "math", "--rpe-on", "qk", "--batch-size", "1", "--heads", "2", "--grid", "3"),
         *("--reps", "2", "--warmup", "1", "--json"),
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    )
     assert result.returncode == 0, result.stderr
     rows = {row["variant"]: row for row in json.loads(result.stdout)}
     assert {"plain", "auto", "sdpa", "math"} <= set(rows)
@@ -100,27 +91,18 @@ def test_attention_benchmark_cli_reports_every_variant():
 
 
 def test_benchmark_cli_measures_several_image_sizes():
-    cmd = [
-        sys.executable,
-        "tools/benchmark.py",
+    result = _tool(
+        "benchmark.py",
         *("--models", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--impls", "auto", "--malloc", "default"),
         *("--threads", "1", "--json", *TINY[2:], "--img-size", "32", "48"),
-    ]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [(r["input_size"], r["seq_len"]) for r in rows] == [(32, 5), (48, 10)]
     table = benchmark.format_table([benchmark.Result(**row) for row in rows])
     assert "| 48 (10) |" in table
     assert "Memory ratio vs sequence length L:" in table and "L=5: " in table and "L=10: " in table
-    bad = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--img-size", "30", "--malloc", "default"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    bad = _tool("benchmark.py", "--img-size", "30", "--malloc", "default")
     assert bad.returncode == 2 and "--img-size 30: expected a positive multiple of the patch size" in bad.stderr
 
 
@@ -190,8 +172,7 @@ def test_kernel_ab_moves_every_library_registration_to_the_baseline_namespace():
 
 
 def _kernel_ab(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "tools/benchmark_kernel_ab.py", *args]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, check=False)
+    return _tool("benchmark_kernel_ab.py", *args, timeout=1200)
 
 
 def test_kernel_ab_names_a_baseline_git_does_not_know():

@@ -185,6 +185,11 @@ class Runner:
         return peak.peak_mib
 
 
+def _pair(ours: Runner, plain: Runner, step: int) -> tuple[tuple[str, Runner], tuple[str, Runner]]:
+    """Both runners, keyed, in the order of the step: alternating, so that neither model always runs first."""
+    return (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
+
+
 # Profiler keys of the fused attention ops, forward and backward (PyTorch's ``_scaled_dot_product_*attention*``,
 # ``rpe_ops::rpe_attention*``); the math path's matmuls and softmax count as other ops.
 ATTENTION_KEY = "attention"
@@ -212,9 +217,8 @@ def breakdown(ours: Runner, plain: Runner, steps: int) -> dict[str, dict[str, fl
         kind: {"ours": [], "plain": []} for kind in ("train", "infer")
     }
     for step in range(steps):
-        pair = (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
         for kind in ("train", "infer"):
-            for key, runner in pair:
+            for key, runner in _pair(ours, plain, step):
                 parts[kind][key].append(profiled_split(runner.train_step if kind == "train" else runner.infer))
     result = {}
     for kind, by_model in parts.items():
@@ -248,7 +252,7 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
     infer = {"ours": [], "plain": []}
     faults = {"ours": [], "plain": []}
     for step in range(args.steps):
-        pair = (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
+        pair = _pair(ours, plain, step)
         for key, runner in pair:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             train[key].append(runner.train_step())
