@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def _pair(ours: Runner, plain: Runner, step: int) -> tuple[tuple[str, Runner], t
 ATTENTION_KEY = "attention"
 
 
-def profiled_split(step) -> tuple[float, float]:
+def profiled_split(step: Callable[[], float]) -> tuple[float, float]:
     """Self CPU time in ms of one call of ``step``, as (attention ops, every other op)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
