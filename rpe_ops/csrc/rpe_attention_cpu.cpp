@@ -57,11 +57,11 @@
 #define RPE_OPS_WINDOWS 0
 #endif
 
-// The element-wise loops are compiled for x86-64-v3 (AVX2 with FMA) and AVX2 as well as the baseline and picked at
-// load time: a wheel built on one machine still runs on an older one. Elsewhere the compiler's baseline vectorisation
-// is used. (GCC resolves an `arch=x86-64-v3` clone by ISA level from version 12 on.)
+// The element-wise loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA) and AVX2 as well as the
+// baseline and picked at load time: a wheel built on one machine still runs on an older one. Elsewhere the compiler's
+// baseline vectorisation is used. (GCC resolves an `arch=x86-64-v*` clone by ISA level from version 12 on.)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__)
-#define RPE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v3", "avx2", "default")))
+#define RPE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "avx2", "default")))
 #elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define RPE_OPS_CLONES __attribute__((target_clones("avx2", "default")))
 #else
