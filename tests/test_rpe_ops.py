@@ -622,14 +622,15 @@ def test_rpe_attention_errors(mutate, message) -> None:
         torch.ops.rpe_ops.rpe_attention_backward(grad_out, lse=q.new_zeros(q.shape[:3]), **args, scale=scale)
 
 
-def _product_case(height: int, width: int, requires_grad: bool = False):
-    """float32 terms with iRPE-S's ids (product method, ratio 1.9: 50 buckets) on a height x width grid after a class
-    token: contextual on keys, a bias on keys (its lookups read the weight itself), contextual transposed, one on keys
-    with random ids (few of its chunks of 8 keys fit a window of 8 buckets), a transposed bias with random ids, and
-    one on values. On x86 CPUs with AVX2 the float32 kernels read the product ids through their windows."""
+def _product_case(height: int, width: int, requires_grad: bool = False, skip: int = 1):
+    """float32 terms with iRPE-S's ids (product method, ratio 1.9: 50 buckets) on a height x width grid after skip
+    leading tokens: contextual on keys, a bias on keys (its lookups read the weight itself), contextual transposed, one
+    on keys with random ids (few of its chunks of 8 keys fit a window of 8 buckets), a transposed bias with random ids,
+    and one on values. On x86 CPUs with AVX2 the float32 kernels read the product ids through their windows; on
+    square grids of 20 x 20 and more the bucket sums of the terms on keys and values go through the ids' factors."""
     import irpe
 
-    ids, nb = irpe.get_bucket_ids_2d(irpe.METHOD.PRODUCT, height, width, skip=1, alpha=1.9, beta=3.8, gamma=15.2)
+    ids, nb = irpe.get_bucket_ids_2d(irpe.METHOD.PRODUCT, height, width, skip=skip, alpha=1.9, beta=3.8, gamma=15.2)
     B, H, d, L = 2, 3, 8, ids.size(0)
     q, k, v = (randn(B, H, L, d, seed=seed) for seed in (21, 22, 23))
     weights = [randn(1, d, nb, seed=24), randn(H, nb, seed=25), randn(1, d, nb, seed=26), randn(H, d, 60, seed=27)]
@@ -642,18 +643,25 @@ def _product_case(height: int, width: int, requires_grad: bool = False):
     return q, k, v, weights, indices, [False, False, True, False, True], value_weights, value_indices
 
 
-def _product_case_results(height: int, width: int) -> list[torch.Tensor]:
+def _product_case_results(height: int, width: int, skip: int = 1) -> list[torch.Tensor]:
     """Output, lse and every gradient of the kernel on _product_case."""
-    q, k, v, weights, indices, transposed, vw, vi = _product_case(height, width, requires_grad=True)
+    q, k, v, weights, indices, transposed, vw, vi = _product_case(height, width, requires_grad=True, skip=skip)
     out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, 0.35, vw, vi)
     grad = randn(*out.shape, seed=30)
     return [out, lse, *torch.autograd.grad(out, (q, k, v, *weights, *vw), grad)]
 
 
 @needs_ops
-@pytest.mark.parametrize("grid", [(5, 5), (4, 7), (14, 14), (17, 17)], ids=lambda g: f"{g[0]}x{g[1]}")
+# 20 x 20 and 24 x 24 (with 1 and 2 leading tokens) factor; 20 x 23 looks like 20 leading tokens and a 21 x 21 grid to
+# the kernel, whose check then finds ids that do not factor (the key-by-key sums)
+@pytest.mark.parametrize(
+    "grid",
+    [(5, 5, 1), (4, 7, 1), (14, 14, 1), (17, 17, 1), (20, 20, 1), (24, 24, 2), (20, 23, 1)],
+    ids=lambda g: f"{g[0]}x{g[1]}-skip{g[2]}",
+)
 def test_rpe_attention_on_product_ids_matches_its_definition(grid) -> None:
-    q, k, v, weights, indices, transposed, vw, vi = _product_case(*grid, requires_grad=True)
+    height, width, skip = grid
+    q, k, v, weights, indices, transposed, vw, vi = _product_case(height, width, requires_grad=True, skip=skip)
     out, lse = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, 0.35, vw, vi)
     wide = [t.double() for t in (q, k, v, *weights, *vw)]
     nw = len(weights)
@@ -702,6 +710,31 @@ def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
     for grid, expected in zip(grids, scalar):
         for got, want in zip(_product_case_results(*grid), expected):
             assert torch.equal(got, want), f"grid {grid}: largest difference {(got - want).abs().max().item()}"
+
+
+@needs_ops
+def test_rpe_attention_factored_bucket_sums_match_key_by_key_sums(tmp_path) -> None:
+    # RPE_OPS_FACTORED=0: the bucket sums of 24 x 24 product ids go key by key instead of through the ids' factors.
+    # The additions then come in another order: equal to float32 rounding, and not bit for bit (the factored path ran).
+    cases = [(24, 24, 1), (24, 24, 2)]
+    code = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_rpe_ops import _product_case_results
+        torch.save([_product_case_results(*case) for case in {cases!r}], {str(tmp_path / "by_key.pt")!r})
+        """
+    )
+    env = {**os.environ, "RPE_OPS_FACTORED": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    by_key = torch.load(tmp_path / "by_key.pt")
+    for case, expected in zip(cases, by_key):
+        got = _product_case_results(*case)
+        for g, want in zip(got, expected):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+        # the output (through the value term's sums) and the key term's weight gradient (through its table's)
+        assert not torch.equal(got[0], expected[0]) and not torch.equal(got[5], expected[5]), case
 
 
 @needs_ops

@@ -170,7 +170,8 @@ def measure(args: argparse.Namespace, baseline: object) -> list[dict]:
             grad, q, k, v, lse, weights, indices, transposed, value_weights, value_indices, scale
         )
 
-    ours, theirs = forward_backward(libraries["this tree"]), forward_backward(libraries["baseline"])
+    ours = [forward(libraries["this tree"])[0], *forward_backward(libraries["this tree"])]
+    theirs = [forward(libraries["baseline"])[0], *forward_backward(libraries["baseline"])]
     difference = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
     rows = []
     for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):

@@ -100,6 +100,104 @@ inline float exp_nonpositive(float x) {
   return p * pow2;
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// Factored ids. With iRPE's product method the bucket of query i >= s and key j = s + y * W + x of a W x W patch grid
+// after s leading tokens is A_i[y] + B_i[x]: a[i, y] = ids[i, s + y * W] and b[i, x] = ids[i, s + x] - ids[i, s],
+// checked against every id of the row. A row's bucket sums then take the key rows with one A summed as vectors
+// (DeiT-S: 6-7 distinct A per row), then W read-modify-writes per such sum: about (distinct A) x W updates, 150 at
+// L = 577, instead of Lk. The sums are added in another order than key by key (equal up to float rounding). On
+// narrower grids the key-by-key sums are as fast or faster (W = 14, L = 197: the kernel 1.04x slower with factors;
+// W = 18-20 even; W = 24: 0.94x forward, 0.97x forward+backward; tools/benchmark_kernel_ab.py), so only grids of at
+// least kMinFactorWidth columns are factored.
+constexpr int64_t kMinFactorWidth = 20;
+
+// Whether the factored sums are used (unless RPE_OPS_FACTORED=0; the tests compare both).
+bool use_factors() {
+  static const bool on = [] {
+    const char* env = std::getenv("RPE_OPS_FACTORED");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+// The factors of rows [i0, i1) (every row >= s) of (rows x (s + W * W)) ids into a, b (rows x W); false when a row's
+// ids do not factor.
+bool factor_ids(const int32_t* __restrict__ ids, int64_t cols, int64_t s, int64_t W, int32_t* __restrict__ a,
+                int32_t* __restrict__ b, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t* __restrict__ row = ids + i * cols + s;
+    int32_t* __restrict__ ai = a + i * W;
+    int32_t* __restrict__ bi = b + i * W;
+    for (int64_t x = 0; x < W; ++x) {
+      bi[x] = row[x] - row[0];
+    }
+    uint32_t bad = 0;
+    for (int64_t y = 0; y < W; ++y) {
+      ai[y] = row[y * W];
+      for (int64_t x = 0; x < W; ++x) {
+        bad |= static_cast<uint32_t>(row[y * W + x] != ai[y] + bi[x]);
+      }
+    }
+    if (bad != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The factors of one ids tensor's rows as the kernels read them (see above).
+struct FactorView {
+  int64_t s = 0, W = 0;
+  const int32_t* a = nullptr;  // (rows x W), or nullptr: the ids do not factor
+  const int32_t* b = nullptr;
+  bool covers(int64_t i) const { return a != nullptr && i >= s; }
+};
+
+// acc[x] = the sum over rows r < n of src[r * W + x].
+template <typename scalar_t>
+inline void sum_rows_impl(scalar_t* __restrict__ acc, const scalar_t* __restrict__ src, int64_t W, int64_t n) {
+  for (int64_t x = 0; x < W; ++x) {
+    acc[x] = src[x];
+  }
+  for (int64_t r = 1; r < n; ++r) {
+    for (int64_t x = 0; x < W; ++x) {
+      acc[x] += src[r * W + x];
+    }
+  }
+}
+RPE_OPS_CLONES void sum_rows(float* acc, const float* src, int64_t W, int64_t n) { sum_rows_impl(acc, src, W, n); }
+void sum_rows(double* acc, const double* src, int64_t W, int64_t n) { sum_rows_impl(acc, src, W, n); }
+
+// out[n] (+)= sum_{j: ix[j] = n} x[j] over one row i (fv.covers(i)) of factored ids (accumulate: add to out, else
+// overwrite it); acc holds W elements.
+template <typename scalar_t>
+void factored_bucket_sum_row(const scalar_t* __restrict__ x, const int32_t* __restrict__ ix, const FactorView& fv,
+                             int64_t i, int64_t nb, scalar_t* __restrict__ acc, scalar_t* __restrict__ out,
+                             bool accumulate) {
+  if (!accumulate) {
+    std::fill(out, out + nb, scalar_t(0));
+  }
+  for (int64_t j = 0; j < fv.s; ++j) {
+    out[ix[j]] += x[j];
+  }
+  const int64_t W = fv.W;
+  const int32_t* __restrict__ a = fv.a + i * W;
+  const int32_t* __restrict__ b = fv.b + i * W;
+  const scalar_t* __restrict__ grid = x + fv.s;
+  for (int64_t y = 0; y < W;) {
+    int64_t y1 = y + 1;
+    while (y1 < W && a[y1] == a[y]) {
+      ++y1;
+    }
+    sum_rows(acc, grid + y * W, W, y1 - y);
+    scalar_t* __restrict__ o = out + a[y];
+    for (int64_t c = 0; c < W; ++c) {
+      o[b[c]] += acc[c];
+    }
+    y = y1;
+  }
+}
+
 // One logit term as the kernels read it, for the current (b, h): the bias of logit (i, j) is
 // rows[i * sr + ids[i * Lk + j]]. A term on keys has sr = nb (its (Lq x nb) table) or sr = 0 (a bias: the weight's
 // row); a transposed term keeps its table transposed, (nb x Lk), with sr = 0 and ids[i * Lk + j] = index[j, i] * Lk
@@ -121,6 +219,7 @@ struct TermView {
   bool own_pass = false;
   const int32_t* window_base = nullptr;  // (rows x Lk / kWindow), or nullptr: no windows
   const uint8_t* window_rel = nullptr;   // (rows x Lk)
+  FactorView factors;                    // a term on keys: its ids' factors, if they factor
 };
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -473,11 +572,14 @@ void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* gra
 // Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
-                    int64_t i, scalar_t* __restrict__ scratch) {
+                    int64_t i, scalar_t* __restrict__ scratch, scalar_t* __restrict__ grid_sums) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
     if (term.transposed) {
       scatter_add_row(g, Lk, term.ids + i * Lk, term.grad);
+    } else if (term.factors.covers(i)) {
+      factored_bucket_sum_row(g, term.ids + i * Lk, term.factors, i, term.nb, grid_sums, term.grad + i * term.nb,
+                              /*accumulate=*/true);
     } else {
       bucket_sum_one_row(g, Lk, term.ids + i * Lk, term.nb, scratch, term.grad + i * term.nb, /*accumulate=*/true);
     }
@@ -688,6 +790,7 @@ struct TermSpec {
   bool own_pass = false;                 // a float32 term on keys with nb >= kWindow (see TermView)
   const int32_t* window_base = nullptr;  // its ids' windows, or nullptr
   const uint8_t* window_rel = nullptr;
+  FactorView factors;  // a term on keys: its ids' factors, if they factor
   int64_t head_stride() const { return Hw == 1 ? 0 : (contextual ? d * nb : nb); }
 };
 
@@ -701,6 +804,7 @@ struct ValueSpec {
   int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward), after the logit terms'
   const int32_t* window_base = nullptr;  // its ids' windows (float32, nb >= kWindow, AVX2), or nullptr
   const uint8_t* window_rel = nullptr;
+  FactorView factors;  // its ids' factors, if they factor
   int64_t head_stride() const { return Hw == 1 ? 0 : nb * dv; }
 };
 
@@ -781,7 +885,42 @@ bool own_pass(int64_t nb, at::ScalarType dtype) { return dtype == at::kFloat && 
 struct KernelIds {
   const c10::TensorImpl* source;
   int64_t nb;
-  at::Tensor ids, base, rel, offsets;
+  at::Tensor ids, base, rel, offsets, factor_a, factor_b;
+  bool factors_checked = false;
+  FactorView factor_view;
+
+  // The factors of the ids' rows when the keys are s < W leading tokens and a W x W grid and every row from s on
+  // factors (see "Factored ids"); otherwise a view without factors.
+  FactorView factors() {
+    if (factors_checked) {
+      return factor_view;
+    }
+    factors_checked = true;
+    const int64_t rows = ids.size(0), cols = ids.size(1);
+    int64_t W = 0;
+    while ((W + 1) * (W + 1) <= cols) {
+      ++W;
+    }
+    const int64_t s = cols - W * W;
+    if (!use_factors() || W < kMinFactorWidth || s >= W || rows <= s) {
+      return factor_view;
+    }
+    factor_a = at::empty({rows, W}, ids.options());
+    factor_b = at::empty({rows, W}, ids.options());
+    const int32_t* x = ids.const_data_ptr<int32_t>();
+    int32_t* a = factor_a.mutable_data_ptr<int32_t>();
+    int32_t* b = factor_b.mutable_data_ptr<int32_t>();
+    std::atomic<bool> ok{true};
+    at::parallel_for(s, rows, rows_grain(cols), [&](int64_t i0, int64_t i1) {
+      if (!factor_ids(x, cols, s, W, a, b, i0, i1)) {
+        ok = false;
+      }
+    });
+    if (ok) {
+      factor_view = FactorView{s, W, a, b};
+    }
+    return factor_view;
+  }
 
   // The windows of the ids, or {nullptr, nullptr} without AVX2 (or with RPE_OPS_SIMD=0) and for fewer than kWindow
   // keys.
@@ -819,6 +958,7 @@ struct Terms {
   std::vector<ValueSpec> values;
   int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
   int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
+  int64_t max_factor_width = 0;  // the widest factored grid of a term (a thread's buffer of summed key rows)
 };
 
 // The kernels' forms of an ids tensor with nb buckets: those of an earlier term of the call with the same tensor and
@@ -829,7 +969,7 @@ KernelIds& kernel_ids(const char* op, Terms& terms, const at::Tensor& index, int
       return ids;
     }
   }
-  terms.ids.push_back(KernelIds{index.unsafeGetTensorImpl(), nb, narrow_ids(op, index, nb), {}, {}, {}});
+  terms.ids.push_back(KernelIds{index.unsafeGetTensorImpl(), nb, narrow_ids(op, index, nb)});
   return terms.ids.back();
 }
 
@@ -876,6 +1016,10 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     if (spec.own_pass) {
       std::tie(spec.window_base, spec.window_rel) = ids.windows();
     }
+    if (!tr) {
+      spec.factors = ids.factors();
+      terms.max_factor_width = std::max(terms.max_factor_width, spec.factors.W);
+    }
     terms.table_elements += ctx || tr ? rows * nb : 0;  // a transposed bias term gets its row repeated
     terms.grad_elements += rows * nb;
     terms.weight_elements += weight.numel();
@@ -905,6 +1049,8 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     if (own_pass(nb, q.scalar_type())) {  // its backward's gathers read the windows
       std::tie(spec.window_base, spec.window_rel) = ids.windows();
     }
+    spec.factors = ids.factors();
+    terms.max_factor_width = std::max(terms.max_factor_width, spec.factors.W);
     terms.values.push_back(spec);
     terms.value_nb += nb;
     terms.weight_elements += weight.numel();
@@ -922,7 +1068,7 @@ void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>
     const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
     TermView<scalar_t>& view = views[t];
     view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb, spec.own_pass, spec.window_base,
-                              spec.window_rel};
+                              spec.window_rel, spec.factors};
     scalar_t* table = tables + spec.table_offset;
     if (spec.transposed) {  // the (nb x rows) table: s (k W)^T = s W^T k^T, or the weight's column repeated
       if (spec.contextual) {
@@ -973,7 +1119,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
   // and the scatter copies), allocated here: buffers malloc'ed inside the workers go to per-thread arenas, which
   // return memory to the OS eagerly, and the page faults that follow cost the rest of the step dearly.
   const int64_t per_thread = rows_per_block * Lk + terms.table_elements + rows_per_block * terms.value_nb +
-                             kCopies * terms.max_nb + rows_per_block;
+                             kCopies * terms.max_nb + rows_per_block + terms.max_factor_width;
   at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
@@ -986,6 +1132,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
       scalar_t* value_sums = tables + terms.table_elements;  // (rows_per_block x nb) per value term
       scalar_t* scratch = value_sums + rows_per_block * terms.value_nb;
       scalar_t* inv_sums = scratch + kCopies * terms.max_nb;  // 1 / (row sum of exp) per row of the block
+      scalar_t* grid_sums = inv_sums + rows_per_block;         // a factored row's key rows summed
       std::vector<TermView<scalar_t>> views(n_terms);
       for (int64_t bh = t0; bh < t1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -1011,8 +1158,13 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
             lse_data[bh * Lq + i0 + r] = m + std::log(sum);
             for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of the row, while it is in L1
               const int64_t nb = value.nb;
-              bucket_sum_one_row(row, Lk, value.ids + (i0 + r) * Lk, nb, scratch,
-                                 value_sums + value.block_offset * rows_per_block + r * nb, /*accumulate=*/false);
+              const int32_t* ix = value.ids + (i0 + r) * Lk;
+              scalar_t* sums = value_sums + value.block_offset * rows_per_block + r * nb;
+              if (value.factors.covers(i0 + r)) {
+                factored_bucket_sum_row(row, ix, value.factors, i0 + r, nb, grid_sums, sums, /*accumulate=*/false);
+              } else {
+                bucket_sum_one_row(row, Lk, ix, nb, scratch, sums, /*accumulate=*/false);
+              }
             }
           }
           gemm<scalar_t>(false, false, n, dv, Lk, 1, logits, Lk, vm.p, vm.ld, 0, om.row(i0), om.ld);  // P V
@@ -1065,7 +1217,8 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
     // probabilities and their gradient (a block each), contextual tables, tables' gradients, scatter copies, and per
     // value term a block of dO W_v^T and one of bucket sums of the probabilities
     const int64_t per_thread = 2 * rows_per_block * Lk + terms.table_elements + terms.grad_elements +
-                               kCopies * terms.max_nb + 2 * rows_per_block * terms.value_nb;
+                               kCopies * terms.max_nb + 2 * rows_per_block * terms.value_nb +
+                               terms.max_factor_width;
     at::Tensor workspace = at::empty({threads, per_thread}, q.options());  // see forward
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_backward_cpu", [&] {
       const auto s = static_cast<scalar_t>(scale);
@@ -1082,6 +1235,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
         scalar_t* scratch = table_grads + terms.grad_elements;
         scalar_t* value_grads = scratch + kCopies * terms.max_nb;  // dO W_v^T (rows_per_block x nb) per value term
         scalar_t* value_sums = value_grads + rows_per_block * terms.value_nb;  // bucket sums of P, likewise
+        scalar_t* grid_sums = value_sums + rows_per_block * terms.value_nb;    // a factored row's key rows summed
         scalar_t* weight_grad = wg_data + tid * terms.weight_elements;
         std::vector<TermView<scalar_t>> views(n_terms);
         for (int64_t bh = t0; bh < t1; ++bh) {
@@ -1119,10 +1273,16 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
                 const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
                 const int32_t* ix = value.ids + (i0 + r) * Lk;
                 const bool windows = value.window_base != nullptr;
-                value_row_backward_any(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix,
-                                       windows ? value.window_base + (i0 + r) * (Lk / kWindow) : nullptr,
-                                       windows ? value.window_rel + (i0 + r) * Lk : nullptr, nb, scratch,
-                                       value_sums + offset, first);
+                const int32_t* base = windows ? value.window_base + (i0 + r) * (Lk / kWindow) : nullptr;
+                const uint8_t* rel = windows ? value.window_rel + (i0 + r) * Lk : nullptr;
+                if (value.factors.covers(i0 + r)) {  // the gathers alone, then the factored sums of P
+                  gather_row(grads + r * Lk, value_grads + offset, Lk, ix, base, rel, first);
+                  factored_bucket_sum_row(probs + r * Lk, ix, value.factors, i0 + r, nb, grid_sums,
+                                          value_sums + offset, /*accumulate=*/false);
+                } else {
+                  value_row_backward_any(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix, base, rel, nb,
+                                         scratch, value_sums + offset, first);
+                }
                 first = false;
               }
             }
@@ -1134,7 +1294,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
               const scalar_t delta = row_dot(probs + r * Lk, row, Lk);
               softmax_grad_row(row, probs + r * Lk, Lk, delta);
-              bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch);
+              bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch, grid_sums);
             }
             gemm<scalar_t>(false, false, n, d, Lk, s, grads, Lk, km.p, km.ld, 0, dqm.row(i0), dqm.ld);  // dQ = s dS K
             gemm<scalar_t>(true, false, Lk, d, n, s, grads, Lk, qb, qm.ld, 1, dkm.p, dkm.ld);  // dK += s dS^T Q
