@@ -690,23 +690,29 @@ def test_rpe_attention_terms_sharing_ids_match_terms_with_their_own() -> None:
         assert torch.equal(got, want)
 
 
-@needs_ops
-def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
-    # RPE_OPS_SIMD=0: every gather takes scalar loads instead of the windows' permutes. The passes and the order of
-    # the additions are the same either way, so the results must be identical, bit for bit.
-    grids = [(5, 5), (4, 7), (14, 14), (17, 17)]  # 17 x 17: two blocks of queries
+def _product_case_results_with(env_var: str, cases: list[tuple[int, ...]], tmp_path: Path) -> list[list[torch.Tensor]]:
+    """_product_case_results of each case, computed in a new process with env_var=0 (the kernel reads its switches
+    once per process)."""
     code = textwrap.dedent(
         f"""
         import sys, torch
         sys.path.insert(0, "tests")
         from test_rpe_ops import _product_case_results
-        torch.save([_product_case_results(*grid) for grid in {grids!r}], {str(tmp_path / "scalar.pt")!r})
+        torch.save([_product_case_results(*case) for case in {cases!r}], {str(tmp_path / "results.pt")!r})
         """
     )
-    env = {**os.environ, "RPE_OPS_SIMD": "0"}
+    env = {**os.environ, env_var: "0"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    scalar = torch.load(tmp_path / "scalar.pt")
+    return torch.load(tmp_path / "results.pt")
+
+
+@needs_ops
+def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
+    # RPE_OPS_SIMD=0: every gather takes scalar loads instead of the windows' permutes. The passes and the order of
+    # the additions are the same either way, so the results must be identical, bit for bit.
+    grids = [(5, 5), (4, 7), (14, 14), (17, 17)]  # 17 x 17: two blocks of queries
+    scalar = _product_case_results_with("RPE_OPS_SIMD", grids, tmp_path)
     for grid, expected in zip(grids, scalar):
         for got, want in zip(_product_case_results(*grid), expected):
             assert torch.equal(got, want), f"grid {grid}: largest difference {(got - want).abs().max().item()}"
@@ -717,18 +723,7 @@ def test_rpe_attention_factored_bucket_sums_match_key_by_key_sums(tmp_path) -> N
     # RPE_OPS_FACTORED=0: the bucket sums of 24 x 24 product ids go key by key instead of through the ids' factors.
     # The additions then come in another order: equal to float32 rounding, and not bit for bit (the factored path ran).
     cases = [(24, 24, 1), (24, 24, 2)]
-    code = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, "tests")
-        from test_rpe_ops import _product_case_results
-        torch.save([_product_case_results(*case) for case in {cases!r}], {str(tmp_path / "by_key.pt")!r})
-        """
-    )
-    env = {**os.environ, "RPE_OPS_FACTORED": "0"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    by_key = torch.load(tmp_path / "by_key.pt")
+    by_key = _product_case_results_with("RPE_OPS_FACTORED", cases, tmp_path)
     for case, expected in zip(cases, by_key):
         got = _product_case_results(*case)
         for g, want in zip(got, expected):
