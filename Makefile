@@ -26,8 +26,9 @@ $(STAMP): requirements.txt requirements-dev.txt $(LOCK)
 	$(PY) -m pip install --quiet -r requirements-dev.txt $(PIP_INSTALL_ARGS)
 	@touch $@
 
-# Builds the extension in place (rpe_ops/_C*.so). A build failure is reported, and the PyTorch fallback
-# keeps everything working; `python -m irpe` says which backend is used and why.
+# Builds the extension in place (rpe_ops/_C*.so). Without a C++ compiler, or without a usable CUDA toolkit (none, or
+# one whose CUDA major version is not torch's), setup.py says so in one line and builds what it can: the PyTorch
+# fallback serves the rest, and `python -m irpe` says which backend is used and why. A failing C++ build stops here.
 $(OPS_STAMP): $(STAMP) $(OPS_SOURCES)
 	cd rpe_ops && ../$(PY) setup.py build_ext --inplace
 	@touch $@

@@ -506,10 +506,21 @@ def ops_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     if device.type == "cpu":
         return True, "compiled CPU kernels"
     if device.type == "cuda":
-        if _rpe_ops.has_cuda_kernels():
+        if not _rpe_ops.has_cuda_kernels():
+            why = _rpe_ops.build_info().get("cuda_skipped") or "it was built without them"
+            return False, f"rpe_ops has no CUDA kernels: {why}"
+        if not torch.cuda.is_available():
             return True, "compiled CUDA kernels"
-        return False, "rpe_ops was built without CUDA kernels (rebuild where nvcc is found, RPE_OPS_CUDA=1)"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_device_support(index)
     return False, f"no compiled kernels for device type {device.type!r}"
+
+
+@functools.cache
+def _cuda_device_support(index: int) -> tuple[bool, str]:
+    """Whether the built CUDA kernels run on GPU ``index`` (its compute capability against the built architectures
+    and PTX), once per device and process."""
+    return _rpe_ops.cuda_capability_supported(torch.cuda.get_device_capability(index))
 
 
 def _use_ops(tensor: torch.Tensor, backend: str | None) -> bool:
@@ -611,8 +622,14 @@ def backend_report(backend: str | None = None) -> str:
     if _rpe_ops is None:
         lines.append(f"rpe_ops: not available: {_rpe_ops_error}; {BUILD_HINT}")
     else:
-        cuda_kernels = "with" if _rpe_ops.has_cuda_kernels() else "without"
-        lines.append(f"rpe_ops: built {cuda_kernels} CUDA kernels ({os.path.dirname(_rpe_ops.__file__)})")
+        info = _rpe_ops.build_info()
+        if info["cuda_kernels"]:
+            archs = ", ".join(info["cuda_archs"]) or "architectures unknown"
+            cuda = f"with CUDA kernels ({archs}{', PTX ' + info['cuda_ptx'] if info['cuda_ptx'] else ''})"
+        else:
+            cuda = f"without CUDA kernels ({info['cuda_skipped'] or 'not built'})"
+        lines.append(f"rpe_ops: built {cuda}, at {os.path.dirname(_rpe_ops.__file__)}")
+        lines.append(f"  CPU attention kernel: the {info['cpu_isa']} variant (ATEN_CPU_CAPABILITY caps it)")
     for device in ("cpu", "cuda"):
         if device == "cuda" and not torch.cuda.is_available():
             note = " (no CUDA device visible here)"

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "build_info",
+    "cuda_capability_supported",
     "has_attention_kernel",
     "has_cuda_kernels",
     "is_available",
@@ -107,6 +108,11 @@ def build_info() -> dict[str, Any]:
         "cuda_kernels": bool(_ext.with_cuda),
         "cuda_runtime": None,
         "cuda_archs": [],
+        # the variant of the CPU attention kernel's element-wise loops this process runs ("x86-64-v4", "x86-64-v3"
+        # or "baseline"): the CPU's best, capped by ATEN_CPU_CAPABILITY like PyTorch's own kernels
+        "cpu_isa": getattr(_ext, "cpu_isa", "baseline"),
+        "cuda_ptx": None,  # the lowest architecture also compiled to PTX, e.g. "sm_90"
+        "cuda_skipped": _CPU_ONLY_REASONS.get(getattr(_ext, "cpu_only_reason", 0)),  # why no CUDA kernels, or None
     }
     for item in filter(None, _ext.cuda_info.split(";")):
         key, _, value = item.partition("=")
@@ -114,7 +120,55 @@ def build_info() -> dict[str, Any]:
             info["cuda_runtime"] = value
         elif key == "archs":
             info["cuda_archs"] = [f"sm_{int(a) // 10}" for a in value.split(",") if a.strip()]
+        elif key == "ptx":
+            info["cuda_ptx"] = f"sm_{value.strip()}"
     return info
+
+
+# setup.py's reasons (its CPU_ONLY_REASONS) for leaving the CUDA kernels out, as compiled into the library.
+_CPU_ONLY_REASONS = {
+    1: "RPE_OPS_CUDA=0 was set at build time",
+    2: "no CUDA toolkit (nvcc) was found at build time",
+    3: "torch was a CPU-only build at build time",
+    4: "the CUDA toolkit's major version differed from torch's at build time (set CUDA_HOME to a matching toolkit)",
+}
+
+
+def _arch_number(name: str) -> int:
+    """ "sm_86" -> 86."""
+    return int(name.removeprefix("sm_"))
+
+
+def cuda_capability_supported(capability: tuple[int, int], info: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether the CUDA kernels of the loaded library can run on a GPU of compute capability ``capability`` (major,
+    minor), and why (not).
+
+    A kernel compiled for ``sm_XY`` runs on GPUs of the same major version and a minor version of at least ``Y``; PTX
+    compiled for ``compute_XY`` is compiled by the driver for any GPU of capability ``X.Y`` or newer. A GPU outside
+    both would fail at its first lookup with "no kernel image is available for execution on the device".
+
+    Args:
+        capability: ``torch.cuda.get_device_capability(device)``.
+        info: :func:`build_info`'s dict (default: the loaded library's).
+    """
+    info = build_info() if info is None else info
+    if not info.get("cuda_kernels"):
+        return False, "rpe_ops was built without CUDA kernels"
+    device = capability[0] * 10 + capability[1]
+    archs = [_arch_number(a) for a in info.get("cuda_archs", [])]
+    name = f"sm_{device}"
+    if not archs:  # a toolkit that does not define __CUDA_ARCH_LIST__: the build's architectures are unknown
+        return True, f"compiled CUDA kernels (built architectures unknown; {name} assumed)"
+    if any(a // 10 == capability[0] and a % 10 <= capability[1] for a in archs):
+        return True, f"compiled CUDA kernels ({name})"
+    ptx = info.get("cuda_ptx")
+    if ptx is not None and _arch_number(ptx) <= device:
+        return True, f"compiled CUDA kernels ({name} through the {ptx} PTX)"
+    built = ", ".join(info["cuda_archs"]) + (f" (PTX {ptx})" if ptx else "")
+    return False, (
+        f"rpe_ops' CUDA kernels were built for {built}, not for this GPU ({name}): rebuild them with "
+        f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" (`make ops`)'
+    )
 
 
 def _require() -> None:

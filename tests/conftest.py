@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,28 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+def _cpu_model() -> str:
+    """The CPU's model name and widest x86 vector extensions, from /proc/cpuinfo (Linux), else the platform's."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    simd = [f for f in ("avx512f", "avx2") if f in flags]
+    return f"{name} ({', '.join(simd) or 'no AVX2'})"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The machine and the variant of the CPU attention kernel this run uses (tests/test_rpe_ops.py also forces each
+    variant the CPU supports, ATEN_CPU_CAPABILITY)."""
+    import rpe_ops  # noqa: PLC0415
+
+    info = rpe_ops.build_info()
+    kernel = f"CPU kernel variant {info['cpu_isa']}" if info["available"] else f"not built ({info['error']})"
+    return [f"cpu: {_cpu_model()}", f"rpe_ops: {kernel}"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,6 +24,7 @@
 // The matrix products call BLAS on raw (row-strided) matrices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -57,19 +59,78 @@
 #define RPE_OPS_WINDOWS 0
 #endif
 
-// The element-wise loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA) and AVX2 as well as the
-// baseline and picked at load time: a wheel built on one machine still runs on an older one. Elsewhere the compiler's
-// baseline vectorisation is used. (GCC resolves an `arch=x86-64-v*` clone by ISA level from version 12 on.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__linux__)
-#define RPE_OPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "avx2", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define RPE_OPS_CLONES __attribute__((target_clones("avx2", "default")))
+// The element-wise loops are compiled three times on x86-64: for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA) and
+// the baseline, and each call takes the variant of the level that PyTorch's own CPU kernels use (`cpu_isa()`):
+// the best the CPU supports, capped by ATEN_CPU_CAPABILITY=avx512|avx2|default. A wheel built on one machine still
+// runs on an older one, and the tests run every variant the CPU supports (ATEN_CPU_CAPABILITY in a subprocess).
+// Elsewhere the compiler's baseline vectorisation is used.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define RPE_OPS_X86_VARIANTS 1
+#define RPE_OPS_TARGET_V3 __attribute__((target("avx2,fma,bmi,bmi2,lzcnt,movbe,f16c")))
+#define RPE_OPS_TARGET_V4 \
+  __attribute__((target("avx2,fma,bmi,bmi2,lzcnt,movbe,f16c,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")))
 #else
-#define RPE_OPS_CLONES
+#define RPE_OPS_X86_VARIANTS 0
 #endif
 
 namespace rpe_ops {
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = [] {
+#if RPE_OPS_X86_VARIANTS
+    const std::string aten = at::get_cpu_capability();  // "AVX512", "AVX2" or "DEFAULT", after ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("lzcnt") && __builtin_cpu_supports("movbe") && __builtin_cpu_supports("f16c");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512vl");
+    if (aten == "AVX512" && v4) {
+      return CpuIsa::kX86_64_V4;
+    }
+    if ((aten == "AVX512" || aten == "AVX2") && v3) {
+      return CpuIsa::kX86_64_V3;
+    }
+#endif
+    return CpuIsa::kBaseline;
+  }();
+  return isa;
+}
+
+const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::kX86_64_V4:
+      return "x86-64-v4";
+    case CpuIsa::kX86_64_V3:
+      return "x86-64-v3";
+    default:
+      return "baseline";
+  }
+}
+
 namespace {
+
+// Defines `ret name params body` three times on x86-64 (name_v4, name_v3, name_baseline: the same code compiled for
+// each level) and `name` itself, which calls the variant of cpu_isa(). `args` forwards the parameters.
+#if RPE_OPS_X86_VARIANTS
+#define RPE_OPS_VARIANTS(ret, name, params, args, ...) \
+  RPE_OPS_TARGET_V4 ret name##_v4 params __VA_ARGS__   \
+  RPE_OPS_TARGET_V3 ret name##_v3 params __VA_ARGS__   \
+  ret name##_baseline params __VA_ARGS__               \
+  ret name params {                                    \
+    switch (cpu_isa()) {                               \
+      case CpuIsa::kX86_64_V4:                         \
+        return name##_v4 args;                         \
+      case CpuIsa::kX86_64_V3:                         \
+        return name##_v3 args;                         \
+      default:                                         \
+        return name##_baseline args;                   \
+    }                                                  \
+  }
+#else
+#define RPE_OPS_VARIANTS(ret, name, params, args, ...) ret name params __VA_ARGS__
+#endif
 
 // Rows of a block are chosen so that a block of logits holds about this many elements (256 KiB in float32).
 constexpr int64_t kBlockElements = 65536;
@@ -165,7 +226,8 @@ inline void sum_rows_impl(scalar_t* __restrict__ acc, const scalar_t* __restrict
     }
   }
 }
-RPE_OPS_CLONES void sum_rows(float* acc, const float* src, int64_t W, int64_t n) { sum_rows_impl(acc, src, W, n); }
+RPE_OPS_VARIANTS(void, sum_rows, (float* acc, const float* src, int64_t W, int64_t n), (acc, src, W, n),
+                 { sum_rows_impl(acc, src, W, n); })
 void sum_rows(double* acc, const double* src, int64_t W, int64_t n) { sum_rows_impl(acc, src, W, n); }
 
 // out[n] (+)= sum_{j: ix[j] = n} x[j] over one row i (fv.covers(i)) of factored ids (accumulate: add to out, else
@@ -232,13 +294,13 @@ struct TermView {
 // ids), and per key rel = id - base as a uint8.
 constexpr int64_t kWindow = 8;
 
-// Whether float32 gathers use the windows: on x86-64 CPUs with AVX2, unless RPE_OPS_SIMD=0 (the two paths load the
-// same values; the tests compare them bit for bit).
+// Whether float32 gathers use the windows (AVX2 code): where the x86-64-v3 or v4 variants run, unless RPE_OPS_SIMD=0
+// (the two paths load the same values; the tests compare them bit for bit).
 bool use_windows() {
 #if RPE_OPS_WINDOWS
   static const bool on = [] {
     const char* env = std::getenv("RPE_OPS_SIMD");
-    return __builtin_cpu_supports("avx2") && !(env != nullptr && std::strcmp(env, "0") == 0);
+    return cpu_isa() != CpuIsa::kBaseline && !(env != nullptr && std::strcmp(env, "0") == 0);
   }();
   return on;
 #else
@@ -344,17 +406,17 @@ inline void gather_pair_impl(scalar_t* __restrict__ row, const scalar_t* __restr
     }
   }
 }
-RPE_OPS_CLONES void gather_pair_row(float* row, const float* table, const int32_t* ids, const float* table2,
-                                    const int32_t* ids2, int64_t Lk, bool overwrite) {
-  gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite);
-}
+RPE_OPS_VARIANTS(void, gather_pair_row,
+                 (float* row, const float* table, const int32_t* ids, const float* table2, const int32_t* ids2,
+                  int64_t Lk, bool overwrite),
+                 (row, table, ids, table2, ids2, Lk, overwrite),
+                 { gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite); })
 void gather_pair_row(double* row, const double* table, const int32_t* ids, const double* table2, const int32_t* ids2,
                      int64_t Lk, bool overwrite) {
   gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite);
 }
-RPE_OPS_CLONES void gather_row_scalar(float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite) {
-  gather_row_impl(row, table, Lk, ids, overwrite);
-}
+RPE_OPS_VARIANTS(void, gather_row_scalar, (float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite),
+                 (row, table, Lk, ids, overwrite), { gather_row_impl(row, table, Lk, ids, overwrite); })
 void gather_row_scalar(double* row, const double* table, int64_t Lk, const int32_t* ids, bool overwrite) {
   gather_row_impl(row, table, Lk, ids, overwrite);
 }
@@ -473,19 +535,19 @@ void set_bias_row(scalar_t* row, int64_t Lk, const TermView<scalar_t>* terms, in
   }
 }
 
-RPE_OPS_CLONES float row_max(const float* row, int64_t n) { return lane_max(row, n); }
+RPE_OPS_VARIANTS(float, row_max, (const float* row, int64_t n), (row, n), { return lane_max(row, n); })
 double row_max(const double* row, int64_t n) { return lane_max(row, n); }
 
-RPE_OPS_CLONES float row_dot(const float* x, const float* y, int64_t n) { return lane_dot(x, y, n); }
+RPE_OPS_VARIANTS(float, row_dot, (const float* x, const float* y, int64_t n), (x, y, n), { return lane_dot(x, y, n); })
 double row_dot(const double* x, const double* y, int64_t n) { return lane_dot(x, y, n); }
 
 // row[j] = exp(row[j] - shift) (every row[j] <= shift); returns the sum.
-RPE_OPS_CLONES float exp_shift_sum(float* __restrict__ row, int64_t n, float shift) {
+RPE_OPS_VARIANTS(float, exp_shift_sum, (float* __restrict__ row, int64_t n, float shift), (row, n, shift), {
   for (int64_t j = 0; j < n; ++j) {
     row[j] = exp_nonpositive(row[j] - shift);
   }
   return lane_sum(row, n);
-}
+})
 
 double exp_shift_sum(double* __restrict__ row, int64_t n, double shift) {
   for (int64_t j = 0; j < n; ++j) {
@@ -502,9 +564,8 @@ inline void softmax_grad_row_impl(scalar_t* __restrict__ grad, const scalar_t* _
     grad[j] = prob[j] * (grad[j] - delta);
   }
 }
-RPE_OPS_CLONES void softmax_grad_row(float* grad, const float* prob, int64_t n, float delta) {
-  softmax_grad_row_impl(grad, prob, n, delta);
-}
+RPE_OPS_VARIANTS(void, softmax_grad_row, (float* grad, const float* prob, int64_t n, float delta),
+                 (grad, prob, n, delta), { softmax_grad_row_impl(grad, prob, n, delta); })
 void softmax_grad_row(double* grad, const double* prob, int64_t n, double delta) {
   softmax_grad_row_impl(grad, prob, n, delta);
 }
@@ -515,7 +576,8 @@ inline void scale_row_impl(scalar_t* __restrict__ row, int64_t n, scalar_t facto
     row[j] *= factor;
   }
 }
-RPE_OPS_CLONES void scale_row(float* row, int64_t n, float factor) { scale_row_impl(row, n, factor); }
+RPE_OPS_VARIANTS(void, scale_row, (float* row, int64_t n, float factor), (row, n, factor),
+                 { scale_row_impl(row, n, factor); })
 void scale_row(double* row, int64_t n, double factor) { scale_row_impl(row, n, factor); }
 
 // Scatter-adds go to kCopies interleaved copies of a row's buckets: neighbouring keys often share a bucket, and with
@@ -562,9 +624,8 @@ inline void scatter_add_row_impl(const scalar_t* __restrict__ x, int64_t Lk, con
     grad[ix[j]] += x[j];
   }
 }
-RPE_OPS_CLONES void scatter_add_row(const float* x, int64_t Lk, const int32_t* ix, float* grad) {
-  scatter_add_row_impl(x, Lk, ix, grad);
-}
+RPE_OPS_VARIANTS(void, scatter_add_row, (const float* x, int64_t Lk, const int32_t* ix, float* grad), (x, Lk, ix, grad),
+                 { scatter_add_row_impl(x, Lk, ix, grad); })
 void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* grad) {
   scatter_add_row_impl(x, Lk, ix, grad);
 }
@@ -821,23 +882,22 @@ inline bool narrow_ids_impl(const index_t* __restrict__ ids, int64_t n, int64_t 
   }
   return bad == 0;
 }
-RPE_OPS_CLONES bool narrow_ids(const int64_t* ids, int64_t n, int64_t nb, int32_t* out) {
-  return narrow_ids_impl(ids, n, nb, out);
-}
-RPE_OPS_CLONES bool narrow_ids(const int32_t* ids, int64_t n, int64_t nb, int32_t* out) {
-  return narrow_ids_impl(ids, n, nb, out);
-}
+RPE_OPS_VARIANTS(bool, narrow_ids, (const int64_t* ids, int64_t n, int64_t nb, int32_t* out), (ids, n, nb, out),
+                 { return narrow_ids_impl(ids, n, nb, out); })
+RPE_OPS_VARIANTS(bool, narrow_ids, (const int32_t* ids, int64_t n, int64_t nb, int32_t* out), (ids, n, nb, out),
+                 { return narrow_ids_impl(ids, n, nb, out); })
 
 // ids[i, j] = ids[i, j] * rows + j for rows [i0, i1) of the (cols x rows) transposed ids of a transposed term:
 // offsets into its (nb x rows) table.
-RPE_OPS_CLONES void add_key_offsets(int32_t* __restrict__ ids, int64_t rows, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    int32_t* __restrict__ row = ids + i * rows;
-    for (int64_t j = 0; j < rows; ++j) {
-      row[j] = row[j] * static_cast<int32_t>(rows) + static_cast<int32_t>(j);
-    }
-  }
-}
+RPE_OPS_VARIANTS(void, add_key_offsets, (int32_t* __restrict__ ids, int64_t rows, int64_t i0, int64_t i1),
+                 (ids, rows, i0, i1), {
+                   for (int64_t i = i0; i < i1; ++i) {
+                     int32_t* __restrict__ row = ids + i * rows;
+                     for (int64_t j = 0; j < rows; ++j) {
+                       row[j] = row[j] * static_cast<int32_t>(rows) + static_cast<int32_t>(j);
+                     }
+                   }
+                 })
 
 // Per-call passes over the ids (cast, offsets, windows) run in parallel in pieces of about this many ids.
 constexpr int64_t kIdsGrain = int64_t{1} << 15;

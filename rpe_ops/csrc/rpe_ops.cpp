@@ -323,9 +323,16 @@ PyMODINIT_FUNC PyInit__C(void) {
   const std::string cuda_info;
   const int with_cuda = 0;
 #endif
+#ifdef RPE_OPS_CPU_ONLY
+  const int cpu_only = RPE_OPS_CPU_ONLY;  // why setup.py left the CUDA kernels out (its CPU_ONLY_REASONS)
+#else
+  const int cpu_only = 0;
+#endif
   if (PyModule_AddStringConstant(m, "torch_version", torch_version) != 0 ||
       PyModule_AddIntConstant(m, "with_cuda", with_cuda) != 0 ||
-      PyModule_AddStringConstant(m, "cuda_info", cuda_info.c_str()) != 0) {
+      PyModule_AddStringConstant(m, "cuda_info", cuda_info.c_str()) != 0 ||
+      PyModule_AddStringConstant(m, "cpu_isa", rpe_ops::cpu_isa_name()) != 0 ||
+      PyModule_AddIntConstant(m, "cpu_only_reason", cpu_only) != 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -18,6 +18,13 @@ void check_common(const char* op, const at::Tensor& input, const at::Tensor& ind
 // Host-side check that every id of a (contiguous, CPU) index lies in [0, num_buckets).
 void check_index_range_cpu(const char* op, const at::Tensor& index, int64_t num_buckets);
 
+// The instruction-set level whose variant of the CPU attention kernel's element-wise loops runs: the best the CPU
+// supports, capped as PyTorch caps its own kernels (ATEN_CPU_CAPABILITY=avx512|avx2|default); chosen once per
+// process. Defined in rpe_attention_cpu.cpp.
+enum class CpuIsa { kBaseline = 0, kX86_64_V3 = 1, kX86_64_V4 = 2 };
+CpuIsa cpu_isa();
+const char* cpu_isa_name();  // "x86-64-v4", "x86-64-v3" or "baseline"
+
 #ifdef RPE_OPS_WITH_CUDA
 // CUDA runtime version and architecture list the CUDA kernels were compiled for (defined in cuda/rpe_ops_cuda.cu).
 std::string cuda_build_info();

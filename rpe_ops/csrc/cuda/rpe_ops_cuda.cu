@@ -3,9 +3,11 @@
 // One warp per row (b, h, i), grid-stride over rows, so any B*H*L fits and the grid is sized to the device.
 // rpe_index: lanes read the ids of the row and gather from the (cached) input row; stores are coalesced.
 // rpe_bucket_sum: each warp accumulates its row in shared memory (float for half types) and writes the nb sums;
-// when nb is too large for shared memory, a fallback accumulates in a zeroed global buffer with atomics.
+// when nb is too large for shared memory, a fallback accumulates in a zeroed global buffer with atomics. Float
+// atomics make the sums' last bits vary between runs: the op alerts under torch.use_deterministic_algorithms(True).
 // Bucket ids are checked on the device: an id outside [0, nb) triggers a device-side assert (the failing thread
 // neither reads nor writes out of bounds), which surfaces as a RuntimeError at the next synchronisation.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -180,6 +182,9 @@ at::Tensor rpe_bucket_sum_cuda(const at::Tensor& input, const at::Tensor& index,
   check_cuda_inputs(op, input, index, num_buckets);
   TORCH_CHECK(input.size(3) == index.size(1), op, ": expected input.size(3) == index.size(1) (L_key), got input ",
               input.sizes(), " and index ", index.sizes());
+  // The sums add with float atomics, in an order that varies between runs: alert as PyTorch's own scatter_add does
+  // under torch.use_deterministic_algorithms(True) (an error, or a warning with warn_only=True).
+  at::globalContext().alertNotDeterministic("rpe_ops::rpe_bucket_sum (CUDA)");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor idx = index.contiguous();
   const int64_t nb = num_buckets;
@@ -230,6 +235,9 @@ std::string cuda_build_info() {
                      std::to_string((CUDART_VERSION % 1000) / 10);
 #ifdef __CUDA_ARCH_LIST__
   info += ";archs=" RPE_OPS_STR(__CUDA_ARCH_LIST__);
+#endif
+#ifdef RPE_OPS_PTX_MIN
+  info += ";ptx=" RPE_OPS_STR(RPE_OPS_PTX_MIN);  // lowest architecture also compiled to PTX (setup.py)
 #endif
   return info;
 }
