@@ -10,6 +10,9 @@
   ``L x L`` (plain PyTorch: its numbers are tested on CPU tensors; CUDA's default).
 * ``'flex'``: FlexAttention with a ``score_mod`` (queries and keys only; compiled on CUDA).
 * ``'ops'``: the fused CPU kernel of ``rpe_ops`` (CPU's default where it is built).
+* ``'triton'``: one flash-attention kernel in Triton (``rpe_ops/triton_attention.py``) that gathers the terms from the
+  per-row tables inside its tiles, values terms included; CUDA's default where Triton is importable (CPU tensors only
+  through Triton's interpreter, ``TRITON_INTERPRET=1``, for tests).
 
 The fused paths read each encoding's weight and bucket ids from the modules (``fused_terms``) and its per-row table
 from ``irpe``'s one definition of it; the lookups run on the backend argument's choice (``irpe.use_backend``,
@@ -24,13 +27,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import irpe
 from irpe import FusedTerm, iRPE, iRPE_Cross, rpe_bucket_sum, rpe_index
 
-__all__ = ["ATTN_IMPLS", "resolve_attn_impl", "rpe_attention"]
+__all__ = ["ATTN_IMPLS", "RPEMultiheadAttention", "resolve_attn_impl", "rpe_attention"]
 
-ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops")
+ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops", "triton")
 
 
 def _autocast_disabled(device_type: str):
@@ -125,9 +129,95 @@ def _values_term(value_terms: Sequence[FusedTerm], probs: torch.Tensor, i0: int,
     return out
 
 
+def _check_mask_dtype(name: str, mask: torch.Tensor) -> None:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(
+            f"{name} must be bool (True: masked, as nn.MultiheadAttention) or floating point (added to the logits), "
+            f"got {mask.dtype}"
+        )
+
+
+def _additive_mask(
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
+    """The masks of :func:`rpe_attention` as one additive mask ``(B|1, H|1, Lq|1, Lk)`` for the logits, or ``None``.
+
+    Bool masks follow ``nn.MultiheadAttention``: True marks a key a query may not attend to (the opposite of
+    ``F.scaled_dot_product_attention``'s bool ``attn_mask``) and becomes ``-inf``; a float mask is added as it is. A key
+    padding mask alone gives ``(B, 1, 1, Lk)``: nothing ``Lq x Lk`` is allocated for it. The result is a constant
+    (detached): no path gives a float mask a gradient.
+
+    Args:
+        key_padding_mask: ``(B, Lk)``, bool or float, or ``None``.
+        attn_mask: ``(Lq, Lk)``, or 4-D broadcastable to ``(B, H, Lq, Lk)`` (sizes 1 or full), bool or float, or
+            ``None``.
+        q, k: the queries ``(B, H, Lq, d)`` and keys ``(B, H, Lk, d)`` (shapes and device).
+        dtype: of the result; ``None``: that of ``q``.
+
+    Raises:
+        ValueError: a mask of another shape, dtype or device.
+    """
+    B, H, Lq, Lk = q.size(0), q.size(1), q.size(2), k.size(2)
+    dtype = q.dtype if dtype is None else dtype
+    parts = []
+    if key_padding_mask is not None:
+        _check_mask_dtype("key_padding_mask", key_padding_mask)
+        if key_padding_mask.shape != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, keys) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
+            )
+        parts.append(key_padding_mask.view(B, 1, 1, Lk))
+    if attn_mask is not None:
+        _check_mask_dtype("attn_mask", attn_mask)
+        full = (B, H, Lq, Lk)
+        if attn_mask.dim() == 2 and attn_mask.shape == (Lq, Lk):
+            attn_mask = attn_mask.view(1, 1, Lq, Lk)
+        elif attn_mask.dim() != 4 or any(n not in (1, m) for n, m in zip(attn_mask.shape, full)):
+            raise ValueError(
+                f"attn_mask must have shape (queries, keys) = ({Lq}, {Lk}) or one broadcastable to (batch, heads, "
+                f"queries, keys) = {full} (each size 1 or full), got {tuple(attn_mask.shape)}; nn.MultiheadAttention's "
+                "(batch * heads, queries, keys) reshapes to the latter"
+            )
+        parts.append(attn_mask.expand(*attn_mask.shape[:3], Lk))
+    mask = None
+    for part in parts:
+        if part.device != q.device:
+            raise ValueError(f"the masks must be on the device of the queries ({q.device}), got {part.device}")
+        part = part.detach()
+        if part.dtype == torch.bool:
+            part = torch.zeros(part.shape, dtype=dtype, device=q.device).masked_fill_(part, float("-inf"))
+        else:
+            part = part.to(dtype)
+        mask = part if mask is None else mask + part
+    return mask
+
+
+def _mask_rows(mask: torch.Tensor | None, i0: int, i1: int) -> torch.Tensor | None:
+    """Rows ``i0:i1`` of the queries of an additive mask ``(b|1, H|1, Lq|1, Lk)`` (all of a broadcast one)."""
+    return mask if mask is None or mask.size(2) == 1 else mask[:, :, i0:i1]
+
+
+def _batch_rows(mask: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
+    """Samples ``b0:b1`` of an additive mask ``(B|1, ...)`` (all of a broadcast one)."""
+    return mask if mask is None or mask.size(0) == 1 else mask[b0:b1]
+
+
+def _masked_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the keys where a row whose logits are all ``-inf`` (every key masked) gives zeros, not NaN: what
+    ``F.scaled_dot_product_attention`` gives such a row, and no NaN for its gradients either."""
+    dead = logits.amax(-1, keepdim=True) == float("-inf")  # (..., rows, 1)
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
 class _RPEBiasAttention(torch.autograd.Function):
     """Attention with the iRPE terms, fused and memory-efficient: ``P @ v + sum_u bucket_sum(P, index_u) @ W_u`` with
-    ``P = softmax(q k^T * scale + bias)``, ``bias`` from the terms on queries and keys, ``W_u`` the encodings on values.
+    ``P = softmax(q k^T * scale + bias + mask)``, ``bias`` from the terms on queries and keys, ``mask`` an additive
+    attention mask (:func:`_additive_mask`, or ``None``), ``W_u`` the encodings on values. A row whose keys are all
+    masked gives zeros (as PyTorch's fused attention), and zero gradients.
 
     The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, batch slice
     by batch slice, for ``P @ v``. With encodings on values it then recomputes ``P`` block by block of query rows
@@ -143,7 +233,16 @@ class _RPEBiasAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, v, scale: float, kinds: tuple[tuple[bool, bool], ...], num_values: int, backend: str, *tensors
+        ctx,
+        q,
+        k,
+        v,
+        scale: float,
+        kinds: tuple[tuple[bool, bool], ...],
+        num_values: int,
+        backend: str,
+        mask: torch.Tensor | None,
+        *tensors,
     ):
         n = len(kinds)
         weights, indices = tensors[:n], tensors[n : 2 * n]
@@ -157,28 +256,33 @@ class _RPEBiasAttention(torch.autograd.Function):
                 qc, kc = q[b0:b1], k[b0:b1]
                 qw, kw = qc.to(work), kc.to(work)
                 tables = [_term_table(term, qw, kw, scale) for term in terms]
-                bias = _bias_rows(terms, tables, 0, q.size(2), backend)
-                mask = None if bias is None else bias.to(q.dtype)
-                out = nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=mask, scale=scale)
+                bias = _bias_rows(terms, tables, 0, q.size(2), backend)  # (b|1, H|1, L, L)
+                mc = _batch_rows(mask, b0, b1)  # (b|1, H|1, L|1, L)
+                if mc is not None:
+                    bias = mc if bias is None else bias + mc
+                sdpa_mask = None if bias is None else bias.to(q.dtype)
+                out = nn.functional.scaled_dot_product_attention(qc, kc, v[b0:b1], attn_mask=sdpa_mask, scale=scale)
+                if mc is not None:  # rows with every key masked: zeros, whichever convention SDPA's kernel follows
+                    out = out.masked_fill((mc == float("-inf")).all(-1, keepdim=True), 0.0)
                 if value_terms:
                     out = out.to(work)
                     for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
                         logits = torch.matmul(qw[:, :, i0:i1], kw.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
                         if bias is not None:
-                            logits += bias[:, :, i0:i1]
-                        probs = torch.softmax(logits, dim=-1)
+                            logits += _mask_rows(bias, i0, i1)
+                        probs = torch.softmax(logits, dim=-1) if mask is None else _masked_softmax(logits)
                         out[:, :, i0:i1] += _values_term(value_terms, probs, i0, i1, backend)
                     out = out.to(q.dtype)
                 outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        ctx.save_for_backward(q, k, v, out, *tensors)
+        ctx.save_for_backward(q, k, v, out, mask, *tensors)
         ctx.scale, ctx.kinds, ctx.num_values, ctx.backend = scale, kinds, num_values, backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, *saved = ctx.saved_tensors
+        q, k, v, out, mask, *saved = ctx.saved_tensors
         n, nv = len(ctx.kinds), ctx.num_values
         work = _work_dtype(q.dtype)
         terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n : 2 * n], ctx.kinds)]
@@ -193,6 +297,7 @@ class _RPEBiasAttention(torch.autograd.Function):
             for b0, b1 in _batch_chunks(q):
                 qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
                 oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
+                mc = _batch_rows(mask, b0, b1)
                 tables = [_term_table(term, qc, kc, scale) for term in terms]  # (b|1, H|Hm, L, nb), small
                 dq = torch.empty_like(qc)
                 dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
@@ -201,7 +306,11 @@ class _RPEBiasAttention(torch.autograd.Function):
                     qb, gb = qc[:, :, i0:i1], gc[:, :, i0:i1]
                     logits = torch.matmul(qb, kc.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
                     bias = _bias_rows(terms, tables, i0, i1, backend)
-                    probs = torch.softmax(logits if bias is None else logits.add_(bias), dim=-1)
+                    if bias is not None:
+                        logits += bias
+                    if mc is not None:
+                        logits += _mask_rows(mc, i0, i1)
+                    probs = torch.softmax(logits, dim=-1) if mc is None else _masked_softmax(logits)
                     del logits, bias
                     # rowsum(P * dP) = dO . O, O including the values terms (their dP is dO . W_u[bucket])
                     delta = (gb * oc[:, :, i0:i1]).sum(-1, keepdim=True)  # (b, H, rows, 1)
@@ -245,7 +354,7 @@ class _RPEBiasAttention(torch.autograd.Function):
         grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
         grad_value_weights = [g.to(w.dtype) for g, w in zip(grad_value_weights, saved[2 * n : 2 * n + nv])]
         no_index_grads = [None] * n, [None] * nv
-        non_tensors = (None, None, None, None)  # scale, kinds, num_values, backend
+        non_tensors = (None, None, None, None, None)  # scale, kinds, num_values, backend, mask (a constant)
         return (
             grad_q,
             grad_k,
@@ -273,8 +382,11 @@ def _compiled_flex_attention(flex_attention):
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> torch.Tensor:
-    """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]``: no ``L x L`` bias ever exists."""
+def _flex_rpe_attention(
+    q, k, v, scale: float, terms: Sequence[FusedTerm], mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]`` (and ``mask[b, h, i, j]``, an additive
+    mask ``(B|1, H|1, L|1, L)``): no ``L x L`` bias ever exists. A row whose keys are all masked gives zeros."""
     tables = [_term_table(term, q, k, scale) for term in terms]  # (B|1, H|1, L, nb), differentiable
 
     def pick(table: torch.Tensor, b, h):
@@ -286,6 +398,8 @@ def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm]) -> to
                 score = score + pick(table, b, h)[kv_idx, term.index[kv_idx, q_idx]]
             else:
                 score = score + pick(table, b, h)[q_idx, term.index[q_idx, kv_idx]]
+        if mask is not None:
+            score = score + pick(mask, b, h)[q_idx if mask.size(2) > 1 else 0, kv_idx]
         return score
 
     return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
@@ -303,6 +417,13 @@ def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
     return True, ""
 
 
+def _triton_attention():
+    """``rpe_ops.triton_attention``, imported on first use (it imports Triton, which takes a moment)."""
+    from rpe_ops import triton_attention  # noqa: PLC0415
+
+    return triton_attention
+
+
 def _check_impl(impl: str) -> None:
     if impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
@@ -311,12 +432,14 @@ def _check_impl(impl: str) -> None:
 def resolve_attn_impl(
     impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None, backend: str | None = None
 ) -> str:
-    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'`` or ``'ops'``.
+    """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'``, ``'ops'`` or ``'triton'``.
 
-    ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built and the
-    backend is not ``'torch'``, ``'sdpa'`` elsewhere (CUDA included); both serve encodings on values without keeping
-    the probabilities. With attention dropout, which needs its mask in backward, ``'auto'`` takes the paper's explicit
-    formulation (``'math'``). An explicit path runs as asked or raises.
+    ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built, on CUDA
+    the Triton kernel (``'triton'``) when Triton is importable (:func:`rpe_attention` runs float64 on ``'sdpa'``
+    instead: the kernel computes in float32), ``'sdpa'`` elsewhere and under the ``'torch'`` backend (no compiled code
+    of this project); all three serve encodings on values without keeping the probabilities. With attention dropout,
+    which needs its mask in backward, ``'auto'`` takes the paper's explicit formulation (``'math'``). An explicit path
+    runs as asked or raises.
 
     Args:
         impl: one of :data:`ATTN_IMPLS`.
@@ -333,8 +456,11 @@ def resolve_attn_impl(
     if impl == "auto":
         if dropout_p > 0:
             return "math"
-        fused_cpu = device is not None and backend != "torch" and _ops_attention_usable(device)[0]
-        return "ops" if fused_cpu else "sdpa"
+        if device is None or backend == "torch":
+            return "sdpa"
+        if device.type == "cuda" and _triton_attention().triton_available()[0]:
+            return "triton"
+        return "ops" if _ops_attention_usable(device)[0] else "sdpa"
     if impl == "math":
         return "math"
     if dropout_p > 0:
@@ -351,6 +477,16 @@ def resolve_attn_impl(
         usable, why = _ops_attention_usable(device)
         if not usable:
             raise ValueError(f"attn_impl='ops' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
+    if impl == "triton":
+        if backend == "torch":
+            raise ValueError(
+                "attn_impl='triton' is a compiled kernel, but the iRPE backend is 'torch' (IRPE_BACKEND or "
+                "irpe.use_backend): use attn_impl='auto' or 'sdpa'"
+            )
+        triton_attention = _triton_attention()
+        usable, why = triton_attention.triton_available() if device is None else triton_attention.triton_usable(device)
+        if not usable:
+            raise ValueError(f"attn_impl='triton' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
     if impl == "flex" and has_rpe_v:
         raise ValueError(
             "attn_impl='flex' cannot encode values (FlexAttention cannot give the probabilities' bucket sums): "
@@ -360,12 +496,20 @@ def resolve_attn_impl(
 
 
 def _ops_rpe_attention(
-    q, k, v, scale: float, terms: Sequence[FusedTerm], value_terms: Sequence[FusedTerm] = ()
+    q,
+    k,
+    v,
+    scale: float,
+    terms: Sequence[FusedTerm],
+    value_terms: Sequence[FusedTerm] = (),
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights (values' included) and computes their
     tables itself, one ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)``
     log-sum-exps is kept for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32
-    (as PyTorch's CPU attention accumulates); autograd goes through the op's registered backward."""
+    (as PyTorch's CPU attention accumulates); autograd goes through the op's registered backward. ``mask``: an
+    additive mask ``(B|1, H|1, L|1, L)`` the kernel adds to each row of logits (a row whose keys are all masked gives
+    zeros)."""
     dtype = q.dtype
     work = _work_dtype(dtype)
     with _autocast_disabled(q.device.type):
@@ -379,6 +523,7 @@ def _ops_rpe_attention(
             scale,
             [term.weight.to(work) for term in value_terms],
             [term.index for term in value_terms],
+            attn_mask=None if mask is None else mask.to(work),
         )
     return out.to(dtype)
 
@@ -397,37 +542,61 @@ def rpe_attention(
     dropout_p: float = 0.0,
     impl: str = "auto",
     backend: str | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with iRPE, in the order of the paper.
 
-    ``attn = (q * scale) @ k^T + rpe_k(q * scale) + rpe_q(k * scale)^T``, softmax, dropout, ``out = attn @ v +
+    ``attn = (q * scale) @ k^T + rpe_k(q * scale) + rpe_q(k * scale)^T + mask``, softmax, dropout, ``out = attn @ v +
     rpe_v(attn)``. Every implementation computes the same function (up to float rounding); see
     :func:`resolve_attn_impl` for which one runs.
 
+    Masks follow ``nn.MultiheadAttention``: a bool True marks a key that a query may not attend to (the opposite of
+    ``F.scaled_dot_product_attention``'s bool ``attn_mask``), a float mask is added to the logits; both masks are
+    constants (no gradient). A masked key gets probability exactly zero and adds nothing to the encodings on values. A
+    query whose keys are all masked gets zero probabilities and a zero output row (and zero gradients), on every path:
+    what ``nn.MultiheadAttention`` gives through PyTorch's fused attention (``need_weights=False`` while training),
+    where its ``need_weights=True`` path and its inference fast path give NaN instead.
+
     Args:
-        q, k, v: ``(B, H, L, head_dim)``, not scaled.
+        q, k, v: ``(B, H, L, head_dim)``, not scaled (``k, v``: ``(B, H, Lk, head_dim)``; ``Lk != L`` only without
+            encodings).
         rpe_q, rpe_k, rpe_v: the modules from :func:`irpe.build_rpe` (``None`` where unused).
         height, width: the patch grid; ``L - height * width`` leading tokens are the configured skip tokens.
         scale: logit scale, ``head_dim ** -0.5`` by default.
         dropout_p: attention dropout probability (pass 0 in eval mode).
         impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward;
             values terms from probabilities recomputed block by block), ``'flex'`` (FlexAttention with a
-            ``score_mod``; compiled on CUDA; no encoding on values) or ``'ops'`` (the fused CPU kernel of
-            ``rpe_ops``, values terms included).
+            ``score_mod``; compiled on CUDA; no encoding on values), ``'ops'`` (the fused CPU kernel of ``rpe_ops``,
+            values terms included) or ``'triton'`` (the Triton kernel, values terms included; float16, bfloat16 and
+            float32 on CUDA, or on CPU under ``TRITON_INTERPRET=1``).
         backend: the lookups' backend on every path (``'torch'``: no compiled code); ``None``:
             ``irpe.default_backend()``.
+        key_padding_mask: ``(B, Lk)``, bool (True: a padding key) or float (added to every query's logits).
+        attn_mask: ``(L, Lk)``, or 4-D broadcastable to ``(B, H, L, Lk)`` (each size 1 or full), bool or float.
 
     Returns:
         ``(B, H, L, head_dim)``.
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
+    # (B|1, H|1, L|1, Lk), in the dtype the paths compute in (float32 for half types: the sum of two masks then
+    # rounds once)
+    mask = _additive_mask(key_padding_mask, attn_mask, q, k, _work_dtype(q.dtype))
     if rpe_q is None and rpe_k is None and rpe_v is None and impl != "math":  # plain attention, dropout included
         _check_impl(impl)
-        return nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        sdpa_mask = None if mask is None else mask.to(q.dtype)
+        return nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale
+        )
+    if q.size(2) != k.size(2):
+        raise ValueError(
+            f"iRPE encodes positions within one grid: queries and keys must have one length, got {q.size(2)} and "
+            f"{k.size(2)} (attention between sequences of different lengths takes no iRPE modules)"
+        )
     backend = irpe.resolve_backend(backend)
     path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device, backend)
     if path == "math":
-        return _math_rpe_attention(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend)
+        return _math_rpe_attention(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend, mask)
     terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
     if rpe_q is not None:
         terms += rpe_q.fused_terms(k, height, width, is_query=True)
@@ -438,29 +607,254 @@ def rpe_attention(
                 "attn_impl='flex': FlexAttention has no backward on CPU in PyTorch; train with attn_impl='sdpa' "
                 "(or 'auto') on CPU, or run flex on CUDA"
             )
-        return _flex_rpe_attention(q, k, v, scale, terms)
+        return _flex_rpe_attention(q, k, v, scale, terms, mask)
     if path == "ops":
-        return _ops_rpe_attention(q, k, v, scale, terms, value_terms)
+        return _ops_rpe_attention(q, k, v, scale, terms, value_terms, mask)
+    if path == "triton" and (impl != "auto" or q.dtype != torch.float64):
+        # the Triton kernel takes a bool key padding mask; other masks go to 'sdpa' under 'auto'
+        if attn_mask is None and (key_padding_mask is None or key_padding_mask.dtype == torch.bool):
+            return _triton_attention().triton_rpe_attention(
+                q, k, v, scale, terms, value_terms, key_padding_mask=key_padding_mask
+            )
+        if impl == "triton":
+            raise ValueError(
+                "attn_impl='triton' takes a bool key_padding_mask only (no attn_mask, no float mask): use "
+                "attn_impl='auto' or 'sdpa'"
+            )
     kinds = tuple((term.is_bias, term.is_query) for term in terms)
     weights, indices = [term.weight for term in terms], [term.index for term in terms]
     value_weights, value_indices = [term.weight for term in value_terms], [term.index for term in value_terms]
     return _RPEBiasAttention.apply(
-        q, k, v, scale, kinds, len(value_terms), backend, *weights, *indices, *value_weights, *value_indices
+        q, k, v, scale, kinds, len(value_terms), backend, mask, *weights, *indices, *value_weights, *value_indices
     )
 
 
 def _math_rpe_attention(
-    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, backend: str
+    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, backend: str, mask=None
 ) -> torch.Tensor:
     """The paper's explicit formulation, through the modules' own ``forward``: keeps the probabilities."""
+    return _math_rpe_attention_weights(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend, mask)[0]
+
+
+def _math_rpe_attention_weights(
+    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, backend: str, mask=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_math_rpe_attention`'s output ``(B, H, L, d)`` and its attention probabilities ``(B, H, L, Lk)`` (after
+    dropout, as ``nn.MultiheadAttention`` returns them). ``mask``: additive ``(B|1, H|1, L|1, Lk)``, or ``None``."""
     q = q * scale
-    attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, L)
+    attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, Lk)
     if rpe_k is not None:
         attn = attn + rpe_k(q, height, width, backend=backend)
     if rpe_q is not None:
         attn = attn + rpe_q(k * scale, height, width, backend=backend).transpose(2, 3)
-    attn = nn.functional.dropout(attn.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+    if mask is not None:
+        attn = _masked_softmax(attn + mask.to(attn.dtype))
+    else:
+        attn = attn.softmax(dim=-1)
+    attn = nn.functional.dropout(attn, p=dropout_p, training=dropout_p > 0)
     out = torch.matmul(attn, v)
     if rpe_v is not None:
         out = out + rpe_v(attn, height, width, backend=backend)
-    return out
+    return out, attn
+
+
+class RPEMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with iRPE: a drop-in for self-attention over a feature map's grid (DETR's encoder).
+
+    The constructor and :meth:`forward` take ``nn.MultiheadAttention``'s arguments (plus ``rpe_config``, ``attn_impl``
+    and ``hw``) and return what it returns. The parameters carry its names and shapes (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) beside the encodings' tables (``rpe_q``, ``rpe_k``,
+    ``rpe_v``), which start at zero: a fresh module computes what ``nn.MultiheadAttention`` with the same weights and
+    masks computes. An ``nn.MultiheadAttention`` state dict loads with ``load_state_dict(state, strict=False)``, whose
+    ``missing_keys`` are then exactly the tables (``unexpected_keys`` empty): check that rather than ignore it.
+
+    The sequence is the config's ``skip`` leading tokens followed by an ``H x W`` grid in row-major order (``hw``:
+    DETR's ``src.flatten(2)``, skip 0). Where iRPE is configured the attention is self-attention: queries and keys of
+    one length (anything else raises); with ``rpe_config=None`` (or a config with no encoding) any lengths work.
+
+    Args:
+        embed_dim: channels of queries, keys and values.
+        num_heads: attention heads; ``embed_dim`` must be a multiple of it.
+        dropout: dropout on the attention probabilities (training only).
+        bias: learn the projections' biases.
+        add_bias_kv, add_zero_attn: unsupported (they append a key without a grid position); must be False.
+        kdim, vdim: channels of keys and values; must be ``None`` or ``embed_dim`` (one packed projection).
+        batch_first: inputs and outputs ``(batch, seq, feature)`` rather than ``(seq, batch, feature)``.
+        device, dtype: of the parameters.
+        rpe_config: from :func:`irpe.get_rpe_config` (its ``skip`` counts the leading tokens without a grid
+            position); ``None``: no encoding.
+        attn_impl: the path of :func:`rpe_attention` when ``need_weights=False``; ``need_weights=True`` (the default,
+            as in ``nn.MultiheadAttention``) needs the probabilities and always takes ``'math'``.
+
+    Raises:
+        ValueError: an unsupported argument, or an explicit ``attn_impl`` that cannot run with this configuration.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        rpe_config: irpe.RPEConfigs | None = None,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}")
+        if add_bias_kv or add_zero_attn:
+            raise ValueError(
+                "RPEMultiheadAttention does not support add_bias_kv or add_zero_attn: the key they append has no "
+                "position on the grid; add such tokens to the sequence and count them in the config's skip instead"
+            )
+        if kdim not in (None, embed_dim) or vdim not in (None, embed_dim):
+            raise ValueError(
+                f"RPEMultiheadAttention takes keys and values of embed_dim={embed_dim} channels (kdim={kdim}, "
+                f"vdim={vdim}): iRPE encodes self-attention; project them to embed_dim first"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        _check_impl(attn_impl)
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim = self.vdim = embed_dim
+        self.dropout, self.batch_first, self.attn_impl = float(dropout), batch_first, attn_impl
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        # the Linear that dynamic quantization leaves alone, as nn.MultiheadAttention's: forward reads its weight
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=num_heads)
+        if attn_impl not in ("auto", "math") and any(m is not None for m in modules):  # fail here, not at a step
+            resolve_attn_impl(attn_impl, modules[2] is not None, self.dropout, device=None)
+        self.rpe_q, self.rpe_k, self.rpe_v = (m if m is None else m.to(**factory) for m in modules)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout:g}, "
+            f"bias={self.in_proj_bias is not None}, batch_first={self.batch_first}, attn_impl={self.attn_impl}"
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        hw: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of ``query`` over ``key`` and ``value``, as ``nn.MultiheadAttention.forward`` plus the grid ``hw``.
+
+        Masks follow ``nn.MultiheadAttention`` (bool True: not allowed; float: added to the logits). A query whose
+        keys are all masked gets zero weights and attends to nothing (its output is ``out_proj``'s bias): what
+        ``nn.MultiheadAttention`` gives with ``need_weights=False`` while training, where its ``need_weights=True``
+        path and its inference fast path give NaN (see :func:`rpe_attention`).
+
+        Args:
+            query: ``(L, B, E)``, or ``(B, L, E)`` with ``batch_first``, or unbatched ``(L, E)``.
+            key, value: ``(S, B, E)`` likewise (``S = L`` where iRPE is configured).
+            key_padding_mask: ``(B, S)`` (unbatched: ``(S,)``), bool (True: a padding key) or float.
+            need_weights: also return the attention weights; takes the explicit ``'math'`` path. Pass False for
+                ``attn_impl``'s fused paths.
+            attn_mask: ``(L, S)`` or ``(B * num_heads, L, S)`` (unbatched: ``(num_heads, L, S)``), bool or float.
+            average_attn_weights: average the returned weights over the heads.
+            is_causal: a hint that ``attn_mask`` is the causal mask, as in ``nn.MultiheadAttention``: ``attn_mask``
+                must then be given (it is what is applied).
+            hw: the grid ``(H, W)`` of the ``L - skip`` tokens after the config's skip tokens; ``None``: a square grid.
+
+        Returns:
+            ``(output, weights)``: output like ``query``; weights ``(B, L, S)`` (averaged) or ``(B, num_heads, L,
+            S)``, without the batch dim for unbatched input, or ``None`` when ``need_weights`` is False.
+        """
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "query, key and value must all be 3-D (batched) or all 2-D (unbatched), got "
+                f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
+            )
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal is a hint that attn_mask is the causal mask: pass that attn_mask too")
+        batched = query.dim() == 3
+        packed = query is key and key is value  # self-attention on one tensor: one projection
+        if not batched:  # one sample, batch-first from here on
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, L, E = query.shape
+        S = key.size(1)
+        if self.embed_dim != E or key.shape != (B, S, E) or value.shape != (B, S, E):
+            raise ValueError(
+                f"expected query (batch, L, {self.embed_dim}) and key, value (batch, S, {self.embed_dim}) in the "
+                f"module's layout, got {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)} (batch first)"
+            )
+        if attn_mask is not None and attn_mask.dim() == 3:  # (B * heads, L, S), as nn.MultiheadAttention's
+            if attn_mask.shape != (B * self.num_heads, L, S):
+                raise ValueError(
+                    f"a 3-D attn_mask must have shape (batch * num_heads, L, S) = ({B * self.num_heads}, {L}, {S}), "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+            attn_mask = attn_mask.view(B, self.num_heads, L, S)
+        elif attn_mask is not None and attn_mask.shape != (L, S):
+            raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), got {tuple(attn_mask.shape)}")
+        q, k, v = self._project(query, key, value, packed)  # (B, H, L|S, d)
+        height, width = (None, None) if hw is None else hw
+        dropout_p = self.dropout if self.training else 0.0
+        modules = (self.rpe_q, self.rpe_k, self.rpe_v)
+        weights = None
+        if need_weights:
+            if q.size(2) != k.size(2) and any(m is not None for m in modules):
+                raise ValueError(
+                    f"iRPE encodes positions within one grid: query and key lengths must be equal, got {L} and {S} "
+                    "(use nn.MultiheadAttention or rpe_config=None for attention between different sequences)"
+                )
+            mask = _additive_mask(key_padding_mask, attn_mask, q, k, _work_dtype(q.dtype))
+            scale, backend = self.head_dim**-0.5, irpe.resolve_backend(None)
+            out, weights = _math_rpe_attention_weights(
+                q, k, v, *modules, height, width, scale, dropout_p, backend, mask
+            )
+            weights = weights.mean(1) if average_attn_weights else weights  # (B, L, S) or (B, H, L, S)
+        else:
+            out = rpe_attention(
+                q,
+                k,
+                v,
+                *modules,
+                height,
+                width,
+                dropout_p=dropout_p,
+                impl=self.attn_impl,
+                key_padding_mask=key_padding_mask,
+                attn_mask=attn_mask,
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _project(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads' queries, keys and values ``(B, H, L|S, d)`` from batch-first inputs (``packed``: one tensor,
+        projected by one product)."""
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if packed:
+            parts = nn.functional.linear(query, w, b).chunk(3, dim=-1)
+        else:
+            biases = (None, None, None) if b is None else b.chunk(3)
+            parts = [nn.functional.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), w.chunk(3), biases)]
+        return tuple(t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in parts)

@@ -77,7 +77,18 @@ def has_attention_kernel() -> bool:
 
 
 # The argument names of the current schemas (rpe_attention_cpu.cpp); a library built from other sources is stale.
-_ATTENTION_SCHEMA = ("q", "k", "v", "weights", "indices", "transposed", "value_weights", "value_indices", "scale")
+_ATTENTION_SCHEMA = (
+    "q",
+    "k",
+    "v",
+    "weights",
+    "indices",
+    "transposed",
+    "value_weights",
+    "value_indices",
+    "scale",
+    "attn_mask",
+)
 _ATTENTION_BACKWARD_SCHEMA = ("grad_out", "q", "k", "v", "lse", *_ATTENTION_SCHEMA[3:])
 
 
@@ -215,9 +226,10 @@ def rpe_attention(
     scale: float,
     value_weights: Sequence[Tensor] = (),
     value_indices: Sequence[Tensor] = (),
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`P @ v + sum_u bucket_sum(P, value_indices[u]) @ value_weights[u]`, `P = softmax(scale * q @ k^T + bias)`,
-    with the iRPE bias and the values terms computed inside one CPU kernel.
+    """`P @ v + sum_u bucket_sum(P, value_indices[u]) @ value_weights[u]`, `P = softmax(scale * q @ k^T + bias +
+    attn_mask)`, with the iRPE bias and the values terms computed inside one CPU kernel.
 
     Each logit term t has a per-row table: `scale * q[b,h] @ weights[t][h]` for a contextual weight `(Hw, d, nb)`,
     the row `weights[t][h]` for a bias weight `(Hw, nb)` (`Hw = 1`: shared by the heads). A term on keys adds
@@ -238,6 +250,10 @@ def rpe_attention(
         scale: Factor of `q @ k^T` and of the contextual tables.
         value_weights: One per value term: `(Hw, nb_u, dv)` (contextual; values have no bias mode), dtype of q.
         value_indices: Bucket ids (Lq, Lk) of each value term; int64 or int32, values in [0, nb_u).
+        attn_mask: Optional additive mask added to the logits, dtype of q, `(B or 1, H or 1, Lq or 1, Lk)` (a key
+            padding mask: `(B, 1, 1, Lk)`, 0 or -inf; nothing `Lq x Lk` is needed for it). A key at -inf gets
+            probability exactly 0 and adds nothing to the value terms' bucket sums; a row whose keys are all at -inf
+            gives a zero output row, lse -inf and zero gradients. A constant: it gets no gradient.
 
     Returns:
         `(out (B, H, Lq, dv), lse (B, H, Lq))`; `out` is differentiable w.r.t. `q, k, v` and all weights, `lse` (the
@@ -246,7 +262,7 @@ def rpe_attention(
     _require()
     flags = [int(bool(t)) for t in transposed]
     return torch.ops.rpe_ops.rpe_attention.default(
-        q, k, v, list(weights), list(indices), flags, list(value_weights), list(value_indices), float(scale)
+        q, k, v, list(weights), list(indices), flags, list(value_weights), list(value_indices), float(scale), attn_mask
     )
 
 
@@ -292,7 +308,7 @@ def _rpe_bucket_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Non
     return torch.ops.rpe_ops.rpe_index.default(grad, index), None, None
 
 
-def _rpe_attention_fake(q, k, v, weights, indices, transposed, value_weights, value_indices, scale):
+def _rpe_attention_fake(q, k, v, weights, indices, transposed, value_weights, value_indices, scale, attn_mask=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "rpe_ops::rpe_attention: expected 4-D q, k, v")
     torch._check(
         len(weights) == len(indices) == len(transposed),
@@ -308,17 +324,20 @@ def _rpe_attention_fake(q, k, v, weights, indices, transposed, value_weights, va
 
 
 def _rpe_attention_backward_fake(
-    grad_out, q, k, v, lse, weights, indices, transposed, value_weights, value_indices, scale
+    grad_out, q, k, v, lse, weights, indices, transposed, value_weights, value_indices, scale, attn_mask=None
 ):
     # contiguous, as the kernel allocates them (empty_like would keep the strides of q, k, v views)
     return [t.new_empty(t.shape) for t in (q, k, v, *weights, *value_weights)]
 
 
 def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, weights, indices, transposed, value_weights, value_indices, scale = inputs
+    # a library of an older schema (a benchmark's baseline) takes no attn_mask
+    q, k, v, weights, indices, transposed, value_weights, value_indices, scale, *mask = inputs
+    attn_mask = mask[0] if mask else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, lse, *weights, *indices, *value_weights, *value_indices)
-    ctx.transposed, ctx.num_values, ctx.scale = transposed, len(value_weights), scale
+    masks = () if attn_mask is None else (attn_mask,)
+    ctx.save_for_backward(q, k, v, lse, *weights, *indices, *value_weights, *value_indices, *masks)
+    ctx.transposed, ctx.num_values, ctx.scale, ctx.num_inputs = transposed, len(value_weights), scale, len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
@@ -334,13 +353,15 @@ def register_attention_autograd(namespace: str = "rpe_ops") -> None:
         q, k, v, lse, *rest = ctx.saved_tensors
         n, nv = len(ctx.transposed), ctx.num_values
         weights, indices = rest[:n], rest[n : 2 * n]
-        value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv :]
+        value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv : 2 * n + 2 * nv]
+        masks = rest[2 * n + 2 * nv :]  # the attn_mask, if any (none: the call of an older schema's library)
         dq, dk, dv, *dweights = backward_op(
-            grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale
+            grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale, *masks
         )
         # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
         no_grad_flags = None if ctx.transposed else []
-        return dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None
+        grads = (dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None)
+        return grads + (None,) * (ctx.num_inputs - len(grads))  # the attn_mask (a constant), where the schema has one
 
     torch.library.register_autograd(f"{namespace}::rpe_attention", backward, setup_context=_rpe_attention_setup_context)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Iterator
@@ -9,6 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU, Triton runs in its interpreter, so that the Triton attention kernel's tests run on CPU tensors
+# (tests/test_triton_attention.py). The mode must be chosen before Triton is first imported (the test modules import
+# it through timm and rpe_ops); with a GPU visible the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"

@@ -120,8 +120,8 @@ def test_gpu_check_script_parses_and_explains_its_usage():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
-    # Every step of the GPU check, on CPU at tiny sizes (about 2.5 minutes on 2 shared cores): the commands, the
-    # benchmarks' Python parts and the block of results under $OUT.
+    # Every step of the GPU check, on CPU at tiny sizes (several minutes on 2 shared cores): the commands, the
+    # benchmarks' and probes' Python parts, the training script's runs and the block of results under $OUT.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", "tools/gpu_check.sh", "--dry-run"],
@@ -137,16 +137,18 @@ def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
     text = block.read_text()
     assert text.startswith("## GPU check ") and "(dry run, CPU, tiny sizes)" in text
     for step in (
-        "backend report",
+        "pre-flight",
+        "probe: rpe_ops CUDA kernels and the Triton kernel ran",
         "pytest -m cuda",
-        "benchmark.py, k and qkv models, 224 px",
-        "benchmark.py, k and qkv models, 384 px",
-        "benchmark_attention.py, rpe on qkv",
-        "benchmark_ops.py",
+        "benchmark.py, k, qk and qkv models, 224 px",
+        "benchmark.py, k, qk and qkv models, 384 px",
+        "qkv DeiT-S step: IRPE_BACKEND ops vs torch, and triton",
+        "torchrun --nproc_per_node=1, two steps",
     ):
         assert f"| {step} |" in text, step
-    assert "FAILED" not in text
-    assert "| deit_small_patch16_224_ctx_product_50_shared_qkv | auto | 32 (5) |" in text
+    assert "FAILED" not in text and "NOT RUN" not in text
+    assert "torch " in text and "triton " in text and "timm " in text  # the pre-flight's versions
+    assert "| deit_small_patch16_224_ctx_product_50_shared_qkv | sdpa | 32 (5) |" in text
 
 
 def test_benchmark_skips_a_path_the_model_cannot_take():

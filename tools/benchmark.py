@@ -65,12 +65,13 @@ CPU_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
     "deit_small_patch16_224_ctx_product_50_shared_qkv": (1.05, 1.05, 1.05),
 }
 CUDA_TARGETS: dict[str, tuple[float | None, float | None, float | None]] = {
-    # training throughput >= 0.90x means step time <= 1/0.90 = 1.11x
-    "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.90, 1.10, None),
-    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1 / 0.90, 1.10, None),
+    # issue 27, bf16 at batch 128: train throughput >= 0.95x (k) and 0.90x (qkv), i.e. step time <= 1/0.95 and
+    # 1/0.90 of plain DeiT-S's; peak memory <= 1.05x
+    "deit_small_patch16_224_ctx_product_50_shared_k": (1 / 0.95, 1.05, None),
+    "deit_small_patch16_224_ctx_product_50_shared_qkv": (1 / 0.90, 1.05, None),
 }
 # Paths whose targets are checked: the default and the fused ones (math is the reference, not a target).
-TARGET_IMPLS = ("auto", "ops", "sdpa")
+TARGET_IMPLS = ("auto", "ops", "sdpa", "triton")
 MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
 # --malloc keep: allocations up to glibc's largest mmap threshold (32 MiB) come from the heap, which is never trimmed
 KEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -429,7 +430,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="iRPE models to measure (each against timm's plain DeiT of its size)",
     )
     parser.add_argument(
-        "--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex ops"
+        "--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex ops triton"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")

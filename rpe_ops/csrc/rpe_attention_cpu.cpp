@@ -5,7 +5,8 @@
 //                   = table_t[b,h,j,index_t[j,i]]          (a transposed term, on queries: looked up with the keys)
 //   table_t[b,h]    = scale * x[b,h] @ weight_t[h]         (contextual: x = q on keys, k transposed; (Hw, d, nb))
 //                   = weight_t[h] on every row             (bias: (Hw, nb));  Hw = 1 shares the weight across heads
-//   P = softmax(logits),  lse[b,h,i] = logsumexp_j logits[b,h,i,j]
+//                   (+ attn_mask[b,h,i,j]: an optional additive mask, -inf at a masked key, broadcast over b, h, i)
+//   P = softmax(logits),  lse[b,h,i] = logsumexp_j logits[b,h,i,j]  (a row with every key masked: P = 0, lse = -inf)
 //   out[b,h,i] = sum_j P[b,h,i,j] * (v[b,h,j] + sum_u value_weight_u[h, value_index_u[i,j]])
 //              = P @ v + sum_u S_u @ value_weight_u[h],  S_u[b,h,i,n] = sum_{j: value_index_u[i,j] = n} P[b,h,i,j]
 //   (value terms: iRPE on values, contextual weights (Hw, nb, dv))
@@ -41,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -137,10 +139,11 @@ constexpr int64_t kBlockElements = 65536;
 
 // exp(x) for x <= 0 in float32, written so that loops over it vectorise: round(x / ln 2) by the 1.5 * 2^23 trick,
 // a two-part ln 2, a degree-6 polynomial on |r| <= ln(2) / 2 (relative error below 2e-7) and the power of two built
-// in the exponent bits. Inputs below -87 give exp(-87) (~1.6e-38) instead of a denormal: it is then divided by a
-// row sum >= 1, so the probability stays exact to float32 resolution.
+// in the exponent bits. Inputs below -87 give 0 instead of a denormal (exp(-87) ~ 1.6e-38 is below float32 resolution
+// of a probability, whose row sum is >= 1), so the masked keys' -inf gives exactly 0, as std::exp does.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const bool underflow = x < -87.0f;
+  x = underflow ? -87.0f : x;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   const float shifted = x * 1.44269504088896341f + kMagic;
   const float n = shifted - kMagic;
@@ -158,7 +161,7 @@ inline float exp_nonpositive(float x) {
   const int32_t pow2_bits = (shifted_bits - 0x4B400000 + 127) << 23;
   float pow2;
   std::memcpy(&pow2, &pow2_bits, sizeof(float));
-  return p * pow2;
+  return underflow ? 0.0f : p * pow2;
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -580,6 +583,28 @@ RPE_OPS_VARIANTS(void, scale_row, (float* row, int64_t n, float factor), (row, n
                  { scale_row_impl(row, n, factor); })
 void scale_row(double* row, int64_t n, double factor) { scale_row_impl(row, n, factor); }
 
+// row[j] += mask[j]: a row of the additive attention mask.
+template <typename scalar_t>
+inline void add_row_impl(scalar_t* __restrict__ row, const scalar_t* __restrict__ mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] += mask[j];
+  }
+}
+RPE_OPS_VARIANTS(void, add_row, (float* row, const float* mask, int64_t n), (row, mask, n),
+                 { add_row_impl(row, mask, n); })
+void add_row(double* row, const double* mask, int64_t n) { add_row_impl(row, mask, n); }
+
+// row[j] = exp(row[j] - shift) as exp_shift_sum, or 0 for every j when shift = -inf (a row whose keys are all masked:
+// its logits are all -inf, and exp(-inf - (-inf)) would be NaN); returns the sum.
+template <typename scalar_t>
+scalar_t exp_shift_sum_masked(scalar_t* row, int64_t n, scalar_t shift) {
+  if (shift == -std::numeric_limits<scalar_t>::infinity()) {
+    std::fill(row, row + n, scalar_t(0));
+    return 0;
+  }
+  return exp_shift_sum(row, n, shift);
+}
+
 // Scatter-adds go to kCopies interleaved copies of a row's buckets: neighbouring keys often share a bucket, and with
 // a single copy their read-modify-writes would chain through memory (a store-to-load stall each).
 constexpr int64_t kCopies = 4;
@@ -818,6 +843,45 @@ struct Mat {
 template <typename scalar_t>
 Mat<scalar_t> mat(const at::Tensor& t, int64_t b, int64_t h) {
   return {static_cast<scalar_t*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
+
+// An additive attention mask as the kernels read it: the mask row of logit row i of (b, h) starts at
+// p + b * sb + h * sh + i * si (stride 0 along a broadcast dim) and holds Lk contiguous values; p = nullptr: no mask.
+template <typename scalar_t>
+struct MaskView {
+  const scalar_t* p = nullptr;
+  int64_t sb = 0, sh = 0, si = 0;
+  const scalar_t* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * si; }
+};
+
+// The attention mask checked, its last dim made contiguous (undefined when there is none): an additive mask of the
+// dtype of q, 4-D and broadcastable to (B, H, Lq, Lk) through size-1 dims (Lk itself not broadcast).
+at::Tensor prepare_mask(const char* op, const std::optional<at::Tensor>& attn_mask, const at::Tensor& q,
+                        const at::Tensor& k) {
+  if (!attn_mask.has_value() || !attn_mask->defined()) {
+    return {};
+  }
+  const at::Tensor& mask = *attn_mask;
+  TORCH_CHECK(mask.device().is_cpu(), op, ": expected attn_mask on the CPU, got ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == q.scalar_type(), op, ": expected an additive attn_mask of the dtype of q (",
+              q.scalar_type(), "), got ", mask.scalar_type(),
+              " (turn a boolean mask into 0 and -inf, e.g. with masked_fill)");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2);
+  TORCH_CHECK(mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == B) &&
+                  (mask.size(1) == 1 || mask.size(1) == H) && (mask.size(2) == 1 || mask.size(2) == Lq) &&
+                  mask.size(3) == Lk,
+              op, ": expected an attn_mask of shape (B or 1, H or 1, Lq or 1, Lk) = (", B, " or 1, ", H, " or 1, ", Lq,
+              " or 1, ", Lk, "), got ", mask.sizes());
+  return last_dim_contiguous(mask);
+}
+
+template <typename scalar_t>
+MaskView<scalar_t> mask_view(const at::Tensor& mask) {
+  if (!mask.defined()) {
+    return {};
+  }
+  auto stride = [&](int64_t dim) { return mask.size(dim) == 1 ? 0 : mask.stride(dim); };
+  return {mask.const_data_ptr<scalar_t>(), stride(0), stride(1), stride(2)};
 }
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -1157,11 +1221,12 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
                                                      const at::Tensor& v_in, at::TensorList weights,
                                                      at::TensorList indices, at::IntArrayRef transposed,
                                                      at::TensorList value_weights, at::TensorList value_indices,
-                                                     double scale) {
+                                                     double scale, const std::optional<at::Tensor>& attn_mask) {
   constexpr const char* op = "rpe_ops::rpe_attention";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the block products are not part of any graph
   check_qkv(op, q_in, k_in, v_in);
   const Terms terms = prepare_terms(op, q_in, k_in, v_in, weights, indices, transposed, value_weights, value_indices);
+  const at::Tensor mask = prepare_mask(op, attn_mask, q_in, k_in);
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), d = q.size(3), dv = v.size(3);
   // (B, Lq, H, dv) in memory, as PyTorch's fused attention returns it: merging the heads afterwards is then a view.
@@ -1183,6 +1248,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
   at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
+    const MaskView<scalar_t> mv = mask_view<scalar_t>(mask);
     scalar_t* lse_data = lse.mutable_data_ptr<scalar_t>();
     scalar_t* ws_data = workspace.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
@@ -1210,11 +1276,14 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
           gemm<scalar_t>(false, true, n, Lk, d, s, qm.row(i0), qm.ld, km.p, km.ld, beta, logits, Lk);  // + s Q K^T
           for (int64_t r = 0; r < n; ++r) {
             scalar_t* row = logits + r * Lk;
+            if (mv.p != nullptr) {
+              add_row(row, mv.row(b, h, i0 + r), Lk);
+            }
             // The block keeps exp(logits - max): its products with V and W_v are normalised afterwards, on the dv
             // outputs of a row rather than its Lk probabilities.
             const scalar_t m = row_max(row, Lk);
-            const scalar_t sum = exp_shift_sum(row, Lk, m);
-            inv_sums[r] = sum > 0 ? scalar_t(1) / sum : scalar_t(0);  // Lk = 0: a zero output
+            const scalar_t sum = exp_shift_sum_masked(row, Lk, m);
+            inv_sums[r] = sum > 0 ? scalar_t(1) / sum : scalar_t(0);  // Lk = 0 or every key masked: a zero output
             lse_data[bh * Lq + i0 + r] = m + std::log(sum);
             for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of the row, while it is in L1
               const int64_t nb = value.nb;
@@ -1247,11 +1316,12 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
                                                    const at::Tensor& lse_in, at::TensorList weights,
                                                    at::TensorList indices, at::IntArrayRef transposed,
                                                    at::TensorList value_weights, at::TensorList value_indices,
-                                                   double scale) {
+                                                   double scale, const std::optional<at::Tensor>& attn_mask) {
   constexpr const char* op = "rpe_ops::rpe_attention_backward";
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_qkv(op, q_in, k_in, v_in);
   const Terms terms = prepare_terms(op, q_in, k_in, v_in, weights, indices, transposed, value_weights, value_indices);
+  const at::Tensor mask = prepare_mask(op, attn_mask, q_in, k_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), d = q_in.size(3);
   const int64_t dv = v_in.size(3);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Lq, dv}), op, ": expected grad_out of shape ",
@@ -1282,6 +1352,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
     at::Tensor workspace = at::empty({threads, per_thread}, q.options());  // see forward
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_backward_cpu", [&] {
       const auto s = static_cast<scalar_t>(scale);
+      const MaskView<scalar_t> mv = mask_view<scalar_t>(mask);
       const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
       scalar_t* ws_data = workspace.mutable_data_ptr<scalar_t>();
       scalar_t* wg_data = weight_grads.mutable_data_ptr<scalar_t>();
@@ -1317,8 +1388,11 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               }
             }
             gemm<scalar_t>(false, true, n, Lk, d, s, qb, qm.ld, km.p, km.ld, n_terms > 0 ? 1 : 0, probs, Lk);
-            for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp
-              exp_shift_sum(probs + r * Lk, Lk, lse_data[bh * Lq + i0 + r]);
+            for (int64_t r = 0; r < n; ++r) {  // the probabilities, from the saved log-sum-exp (the mask as forward)
+              if (mv.p != nullptr) {
+                add_row(probs + r * Lk, mv.row(b, h, i0 + r), Lk);
+              }
+              exp_shift_sum_masked(probs + r * Lk, Lk, lse_data[bh * Lq + i0 + r]);
             }
             gemm<scalar_t>(true, false, Lk, dv, n, 1, probs, Lk, gb, gm.ld, 1, dvm.p, dvm.ld);  // dV += P^T dO
             // dP = dO V^T + the value terms' G[i, bucket(i, j)], G = dO W_v^T: the gathers (with the bucket sums of
@@ -1417,12 +1491,12 @@ TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
   // rpe_ops/__init__.py checks these argument names: a library built from an older schema is reported as stale.
   m.def(
       "rpe_attention(Tensor q, Tensor k, Tensor v, Tensor[] weights, Tensor[] indices, int[] transposed,"
-      " Tensor[] value_weights, Tensor[] value_indices, float scale) -> (Tensor, Tensor)",
+      " Tensor[] value_weights, Tensor[] value_indices, float scale, Tensor? attn_mask=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "rpe_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor[] weights,"
-      " Tensor[] indices, int[] transposed, Tensor[] value_weights, Tensor[] value_indices, float scale)"
-      " -> Tensor[]",
+      " Tensor[] indices, int[] transposed, Tensor[] value_weights, Tensor[] value_indices, float scale,"
+      " Tensor? attn_mask=None) -> Tensor[]",
       {at::Tag::pt2_compliant_tag});
 }
 
