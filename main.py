@@ -45,8 +45,9 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,13 @@ from utils import TrainingError, UserError
 # Importing rpe_models registers the iRPE models in timm's registry, so that timm.create_model finds them by name.
 try:
     import rpe_models  # noqa: F401
+    from irpe_attention import ATTN_IMPLS
+    from rpe_vision_transformer import IRPESpec, add_irpe
 except ValueError as _err:  # irpe.py refuses an unknown IRPE_BACKEND when imported: validate_args reports it
     if "IRPE_BACKEND" not in str(_err):
         raise
     _IRPE_IMPORT_ERROR: str | None = str(_err)
+    ATTN_IMPLS = ("auto",)  # the run stops in validate_args with the import's error
 else:
     _IRPE_IMPORT_ERROR = None
 
@@ -89,6 +93,20 @@ INAT_CATEGORIES = ("kingdom", "phylum", "class", "order", "supercategory", "fami
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
+
+
+def irpe_spec(text: str) -> str:
+    """argparse type of ``--irpe``: the canonical text of an ``IRPESpec`` (``''``: no iRPE).
+
+    Raises:
+        argparse.ArgumentTypeError: what is wrong with ``text`` and the form it takes.
+    """
+    if not text or _IRPE_IMPORT_ERROR is not None:  # a bad IRPE_BACKEND is validate_args' first error
+        return text
+    try:
+        return str(IRPESpec.parse(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -115,10 +133,20 @@ def get_args_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument(
         "--attn-impl",
         default="auto",
-        choices=("auto", "math", "sdpa", "flex", "ops"),
-        help="attention implementation, passed to models that accept `attn_impl` (auto: the model's choice)",
+        choices=ATTN_IMPLS,
+        help="attention implementation, passed to models that accept `attn_impl` and to --irpe (auto: the model's "
+        "choice)",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--irpe",
+        default="",
+        type=irpe_spec,
+        metavar="METHOD,MODE,ON",
+        help="put iRPE (zero tables) into every block of a timm ViT/DeiT --model, e.g. a --pretrained one: METHOD "
+        "euc|quant|cross|product, MODE ctx|bias, ON any of q, k, v, then optionally ratio=R and shared_head=false "
+        "(e.g. product,ctx,qkv)",
+    )
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", type=str, metavar="OPTIMIZER")
@@ -253,6 +281,8 @@ def _coerce_scalar(action: argparse.Action, where: str, value: Any) -> Any:
         else:
             try:
                 result = kind(value)  # type: ignore[misc]
+            except argparse.ArgumentTypeError as e:  # a type that says what is wrong (--irpe)
+                raise UserError(f"{where}: {e}") from None
             except (TypeError, ValueError):
                 raise UserError(f"{where}: expected {_expected(action)}, got {_describe(value)}") from None
     elif isinstance(value, bool) or kind in (None, str) or not isinstance(value, (int, float)):
@@ -358,9 +388,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def write_args_yaml(args: argparse.Namespace, path: Path) -> None:
-    """Writes the resolved flags as YAML (loadable again with ``--config``)."""
+    """Writes the resolved flags as YAML (loadable again with ``--config``), atomically as the checkpoints.
+
+    Raises:
+        OSError: the write failed (e.g. the disk is full); ``path`` is unchanged.
+    """
     data = {k: v for k, v in utils.to_plain(args).items() if k != "config"}
-    path.write_text(yaml.safe_dump(data, sort_keys=True), encoding="utf-8")
+    utils.atomic_write_text(path, yaml.safe_dump(data, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +546,19 @@ def check_vit_model(name: str) -> int | None:
     return model_patch_size(model)
 
 
+def check_irpe_model(args: argparse.Namespace) -> None:
+    """Raises a ``UserError`` unless ``--irpe`` can go into ``--model``: tried on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(args.model, pretrained=False)
+    except Exception:  # noqa: BLE001  (anything build_model would meet again and report)
+        return
+    try:
+        add_irpe(model, **asdict(IRPESpec.parse(args.irpe)), attn_impl=args.attn_impl)
+    except ValueError as e:
+        raise UserError(f"--irpe {args.irpe} with --model {args.model}: {e}") from None
+
+
 def _device_type(name: str) -> str | None:
     try:
         return torch.device(name).type
@@ -570,6 +617,8 @@ def validate_args(args: argparse.Namespace) -> None:
             f"{f' {patch}' if patch else ''} (e.g. 224)"
         )
     check_input_size(args.input_size, patch, args.model)
+    if args.irpe:
+        check_irpe_model(args)
     if patch and (args.input_size // patch) ** 2 > MAX_PATCHES:
         side = int(MAX_PATCHES**0.5)
         raise UserError(
@@ -582,6 +631,9 @@ def validate_args(args: argparse.Namespace) -> None:
         path = getattr(args, dest)
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"{_flag(dest)} {path} is a file, not a directory: pick another path")
+    if not args.resume:  # else the checkpoint may set the start (see check_start_epoch)
+        check_start_epoch(args, None)
+    check_output_dir_unused(args)
 
     if args.eval and not (args.resume or args.pretrained or args.eval_random_init):
         note = " (--finetune is not applied with --eval)" if args.finetune else ""
@@ -617,7 +669,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         drop_path_rate=args.drop_path,
         img_size=args.input_size,
     )
-    if args.attn_impl != "auto":
+    if args.attn_impl != "auto" and not args.irpe:
         kwargs["attn_impl"] = args.attn_impl
     try:
         model = timm.create_model(args.model, **kwargs)
@@ -629,6 +681,11 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         reason = str(e) if isinstance(e, models.CheckpointError) else f"{type(e).__name__}: {e}"
         raise models.CheckpointError(f"cannot load pretrained weights of {args.model}: {reason}") from None
     check_input_size(args.input_size, model_patch_size(model), args.model)
+    if args.irpe:  # after the pretrained weights have loaded: the tables start at zero
+        try:
+            add_irpe(model, **asdict(IRPESpec.parse(args.irpe)), attn_impl=args.attn_impl)
+        except ValueError as e:
+            raise UserError(f"--irpe {args.irpe} with --model {args.model}: {e}") from None
     return model
 
 
@@ -654,6 +711,19 @@ def check_resume_checkpoint(ckpt: dict[str, Any], source: str) -> None:
     acc = ckpt.get("max_accuracy", 0.0)
     if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
         raise models.CheckpointError(f"checkpoint {source}: 'max_accuracy' must be a number, got {_describe(acc)}")
+
+
+def check_resume_irpe(ckpt: dict[str, Any], args: argparse.Namespace) -> None:
+    """Raises a ``UserError`` when the ``--resume`` checkpoint was written with another ``--irpe``: the model is
+    rebuilt from the flags, so they must put the checkpoint's iRPE tables into it (checkpoints without the flag in
+    their ``args`` are not checked)."""
+    saved = ckpt.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if not isinstance(saved, dict) or not isinstance(saved.get("irpe"), str) or saved["irpe"] == args.irpe:
+        return
+    want = f"--irpe {saved['irpe']}" if saved["irpe"] else "no --irpe"
+    given = f"--irpe {args.irpe}" if args.irpe else "no --irpe"
+    raise UserError(f"checkpoint {args.resume} was trained with {want}, this run has {given}: pass {want}")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str, args: Any) -> None:
@@ -738,38 +808,72 @@ def build_loaders(args: argparse.Namespace, dataset_train: Any, dataset_val: Any
 
 
 class TensorBoardLogger:
-    """Writes per-step train loss/lr and per-epoch metrics to TensorBoard (rank 0 only; no-op elsewhere)."""
+    """Writes per-step train loss/lr and per-epoch metrics to TensorBoard (rank 0 only; no-op elsewhere).
 
-    def __init__(self, log_dir: str, every: int, steps_per_epoch: int) -> None:
-        self.writer = None
+    Events go through :class:`utils.ScalarEventFile`, which writes in this thread, so that a failed write (a full
+    disk) is one ``UserError`` naming the event file; the events written before it stay readable.
+
+    Args:
+        log_dir: Folder of the event file ('' for none).
+        every: Log the per-step values every ``every`` steps.
+        steps_per_epoch: Steps of one epoch (global step = epoch * steps_per_epoch + step).
+        output_dir: The run's output folder, for the error message of a failed write (what can be resumed).
+
+    Raises:
+        UserError: the event file cannot be created or written (also from :meth:`step` and :meth:`epoch_end`).
+    """
+
+    def __init__(self, log_dir: str, every: int, steps_per_epoch: int, output_dir: Path | None = None) -> None:
+        self.writer: utils.ScalarEventFile | None = None
         self.every = max(int(every), 1)
         self.steps_per_epoch = steps_per_epoch
         self.epoch = 0
+        self.output_dir = output_dir if output_dir is not None else Path(log_dir)
         if log_dir and utils.is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                self.writer = utils.ScalarEventFile(log_dir)
+            except OSError as e:
+                path = Path(e.filename) if e.filename else Path(log_dir)
+                raise write_error(path, e, self.output_dir, checkpoint_state(self.output_dir)) from None
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+    def _failed(self, writer: utils.ScalarEventFile, err: OSError) -> UserError:
+        """Closes ``writer`` after its write failed with ``err``; returns the error to raise."""
+        self.writer = None
+        writer.close_quietly()
+        intact = f"the events written before are intact, {checkpoint_state(self.output_dir)}"
+        return write_error(writer.path, err, self.output_dir, intact)
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """Logs ``values`` as ``train/<name>`` every ``every`` steps (global step = epoch * steps + step)."""
         if self.writer is None or step % self.every:
             return
         global_step = self.epoch * self.steps_per_epoch + step
-        for k, v in values.items():
-            self.writer.add_scalar(f"train/{k}", v, global_step)
+        try:
+            for k, v in values.items():
+                self.writer.add_scalar(f"train/{k}", v, global_step)
+        except OSError as e:
+            raise self._failed(self.writer, e) from None
 
     def epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
-        """Logs every numeric epoch statistic as ``epoch/<name>``."""
+        """Logs every numeric epoch statistic as ``epoch/<name>``, and writes the events to the file."""
         if self.writer is None:
             return
-        for k, v in stats.items():
-            if k != "epoch" and isinstance(v, (int, float)):
-                self.writer.add_scalar(f"epoch/{k}", v, epoch)
-        self.writer.flush()
+        try:
+            for k, v in stats.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"epoch/{k}", v, epoch)
+            self.writer.flush()
+        except OSError as e:
+            raise self._failed(self.writer, e) from None
 
     def close(self) -> None:
+        """Closes the event file; never raises, as it runs while another error may be on its way out.
+
+        Every epoch ends with a flush (:meth:`epoch_end`), so only the steps of an epoch cut short can be lost.
+        """
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close_quietly()
+            self.writer = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -792,35 +896,120 @@ class TensorBoardLogger:
 # lines; a best_checkpoint.pth below checkpoint.pth's max_accuracy, restored from checkpoint.pth when that holds the
 # best epoch).
 # The kill points of the test hook (utils.kill_point, IRPE_TEST_KILL_AT) sit inside these three writes.
+# A folder holds one run: a training run that does not resume from a checkpoint in it refuses a folder that holds
+# log.txt or a checkpoint (check_output_dir_unused), so no log mixes the epochs of two runs.
 
 OUTPUT_FILES = ("best_checkpoint.pth", "log.txt", "checkpoint.pth")
+RUN_FILES = ("log.txt", "checkpoint.pth", "best_checkpoint.pth")  # what a folder that holds a run holds
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint that continues the run in ``output_dir``: checkpoint.pth, else best_checkpoint.pth, else None.
+
+    best_checkpoint.pth holds a whole training state too, and is the only one after a kill or a failed write in
+    epoch 0's save, between its rename and that of the first checkpoint.pth.
+    """
+    for name in ("checkpoint.pth", "best_checkpoint.pth"):
+        if (output_dir / name).is_file():
+            return output_dir / name
+    return None
+
+
+def resume_hint(output_dir: Path) -> str:
+    """How the run in ``output_dir`` goes on: ``continue with --resume <its checkpoint>``, or start again."""
+    ckpt = resumable_checkpoint(output_dir)
+    if ckpt is None:
+        return "start the run again (no checkpoint was saved, so nothing can be resumed)"
+    return f"continue with --resume {ckpt}"
+
+
+def _logged_epochs(path: Path) -> list[int]:
+    """The epochs of the complete lines of a log.txt (none when it is missing or unreadable)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1]  # the last piece is not complete
+    except OSError:
+        return []
+    epochs = []
+    for line in lines:
+        try:
+            epochs.append(int(json.loads(line)["epoch"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return epochs
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """The ``epoch`` a checkpoint holds (read memory-mapped, not loaded), or None when it has none or is unreadable."""
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(models.CHECKPOINT_SAFE_GLOBALS):
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (unreadable or not a zip checkpoint: the log tells how far the run got)
+        return None
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def check_output_dir_unused(args: argparse.Namespace) -> None:
+    """Refuses to mix two runs in one ``--output_dir`` (checked on every rank, before anything is written).
+
+    log.txt is appended to and the checkpoints are replaced, so a training run writes into a folder that holds a
+    run's log.txt or checkpoints only when it resumes from a checkpoint in that folder. ``--eval`` writes neither.
+
+    Raises:
+        UserError: naming the folder, what it holds, the epoch it reached, and the two ways on.
+    """
+    if args.eval or not args.output_dir:
+        return
+    output_dir = Path(args.output_dir)
+    held = [name for name in RUN_FILES if (output_dir / name).is_file() and (output_dir / name).stat().st_size]
+    if not held or (args.resume and _same_file(Path(args.resume).parent, output_dir)):
+        return
+    epochs = _logged_epochs(output_dir / "log.txt")
+    epochs += [e for e in (_checkpoint_epoch(output_dir / n) for n in held if n.endswith(".pth")) if e is not None]
+    what = f"--output_dir {output_dir} holds another run ({', '.join(held)}"
+    what += f"; it reached epoch {max(epochs)})" if epochs else ")"
+    ckpt = resumable_checkpoint(output_dir)
+    if args.resume:
+        other = f"--resume {ckpt} to continue the run there" if ckpt else f"delete its {' and '.join(held)}"
+        raise UserError(f"{what}, and --resume {args.resume} is not in it: pass another --output_dir, or {other}")
+    if ckpt is None:
+        held_files = " and ".join(held)
+        raise UserError(f"{what} with no checkpoint to resume: delete its {held_files}, or pass another --output_dir")
+    raise UserError(f"{what}: continue it with --resume {ckpt}, or pass another --output_dir for a new run")
+
+
+def checkpoint_state(output_dir: Path) -> str:
+    """What a failed write leaves of the run's checkpoints, for its error message."""
+    ckpt_path = output_dir / "checkpoint.pth"
+    return f"the previous {ckpt_path} is intact" if ckpt_path.exists() else "no checkpoint.pth was written yet"
+
+
+def write_error(path: Path, err: OSError, output_dir: Path, intact: str) -> UserError:
+    """The one-line error of a failed write: the file, the reason, what is ``intact``, and how the run goes on."""
+    return UserError(
+        f"cannot write {path}: {err.strerror or err}; {intact}: free disk space, then {resume_hint(output_dir)}"
+    )
 
 
 def save_epoch_outputs(output_dir: Path, state: dict[str, Any], log_stats: dict[str, Any], improved: bool) -> None:
     """Writes one epoch's best checkpoint (if ``improved``), log line and checkpoint, in the order above (rank 0).
 
     Raises:
-        UserError: a write failed (e.g. the disk is full): names the file and says what is intact.
+        UserError: a write failed (e.g. the disk is full): names the file, says what is intact and what to resume.
     """
-    ckpt_path = output_dir / "checkpoint.pth"
-    if ckpt_path.exists():
-        intact = f"the previous {ckpt_path} is intact"
-    else:
-        intact = "no checkpoint was written yet"
+    intact = checkpoint_state(output_dir)
     steps = [
         ("best_checkpoint.pth", lambda: utils.atomic_torch_save(state, output_dir / "best_checkpoint.pth")),
         ("log.txt", lambda: utils.append_line(output_dir / "log.txt", json.dumps(log_stats))),
-        ("checkpoint.pth", lambda: utils.atomic_torch_save(state, ckpt_path)),
+        ("checkpoint.pth", lambda: utils.atomic_torch_save(state, output_dir / "checkpoint.pth")),
     ]
     for name, write in steps[0 if improved else 1 :]:
         try:
             write()
         except OSError as e:
             previous = f"{name} is unchanged, " if name == "best_checkpoint.pth" else ""
-            raise UserError(
-                f"cannot write {output_dir / name}: {e.strerror or e}; {previous}{intact}: free disk space, then "
-                f"continue with --resume {ckpt_path}"
-            ) from None
+            raise write_error(output_dir / name, e, output_dir, previous + intact) from None
 
 
 def _reconcile_log(path: Path, epoch: int) -> float | None:
@@ -989,9 +1178,16 @@ def prepare_output_dir(path: str, resolved: argparse.Namespace) -> Path | None:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create --output_dir {output_dir}: {e.strerror or e}") from None
-        for tmp in utils.remove_stale_temp_files(output_dir, OUTPUT_FILES):
-            _logger.info(f"Removed {tmp}, left by a run killed while saving")
-        write_args_yaml(resolved, output_dir / "args.yaml")
+        try:
+            for tmp in utils.remove_stale_temp_files(output_dir, (*OUTPUT_FILES, "args.yaml")):
+                _logger.info(f"Removed {tmp}, left by a run killed while saving")
+        except OSError as e:
+            raise UserError(f"cannot delete {e.filename} in --output_dir {output_dir}: {e.strerror or e}") from None
+        try:
+            write_args_yaml(resolved, output_dir / "args.yaml")
+        except OSError as e:
+            kept = "the previous args.yaml is unchanged, " if (output_dir / "args.yaml").exists() else ""
+            raise write_error(output_dir / "args.yaml", e, output_dir, kept + checkpoint_state(output_dir)) from None
     return output_dir
 
 
@@ -1006,6 +1202,7 @@ def read_checkpoints(args: argparse.Namespace) -> tuple[dict[str, Any] | None, d
     resume = models.load_checkpoint(args.resume, revalidate=True) if args.resume else None
     if resume is not None:
         check_resume_checkpoint(resume, args.resume)
+        check_resume_irpe(resume, args)
     finetune = None
     if args.finetune and not args.eval:
         finetune = models.checkpoint_state_dict(models.load_checkpoint(args.finetune, revalidate=True), args.finetune)
@@ -1109,6 +1306,50 @@ def build_criterion(args: argparse.Namespace, num_classes: int, device: torch.de
     )
 
 
+def resumes_training(ckpt: dict[str, Any]) -> bool:
+    """Whether a ``--resume`` checkpoint holds a training state (optimizer and epoch), not only weights."""
+    return ckpt.get("optimizer") is not None and "epoch" in ckpt
+
+
+def check_epochs_left(start_epoch: int, epochs: int, why: str) -> None:
+    """Raises a ``UserError`` when training would start at or after ``--epochs`` (nothing to train).
+
+    Args:
+        start_epoch: The first epoch to train.
+        epochs: ``--epochs``.
+        why: The start of the message: where ``start_epoch`` comes from and how it compares with ``--epochs``.
+    """
+    if start_epoch < epochs:
+        return
+    raise UserError(
+        f"{why}: nothing to train; raise --epochs above {start_epoch} to train on, or add --eval to only evaluate"
+    )
+
+
+def check_start_epoch(args: argparse.Namespace, ckpt: dict[str, Any] | None) -> None:
+    """Raises a ``UserError`` when the run has nothing to train (checked before the data and the model are built).
+
+    Training starts at the epoch after a ``--resume`` checkpoint's training state, else at ``--start_epoch``; a
+    ``--resume`` checkpoint of weights only is one warning line, as the run then starts over.
+    """
+    if args.eval:
+        return
+    if ckpt is not None and not resumes_training(ckpt):
+        missing = "epoch" if ckpt.get("optimizer") is not None else "optimizer state"
+        _logger.warning(
+            f"{args.resume} has no {missing}, so training does not resume: its weights are loaded, and training "
+            f"starts at epoch {args.start_epoch} (--start_epoch) with a fresh optimizer and learning-rate schedule"
+        )
+    if ckpt is None or not resumes_training(ckpt):
+        why = f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs} (epochs 0 to {args.epochs - 1})"
+        check_epochs_left(args.start_epoch, args.epochs, why)
+        return
+    epoch = int(ckpt["epoch"])
+    place = "the last" if epoch == args.epochs - 1 else f"past the last (epoch {args.epochs - 1})"
+    why = f"--resume {args.resume} holds epoch {epoch}, {place} of --epochs {args.epochs}"
+    check_epochs_left(epoch + 1, args.epochs, why)
+
+
 def resume_from(
     args: argparse.Namespace, ckpt: dict[str, Any], built: RunModels, optim: Optimization, output_dir: Path | None
 ) -> float:
@@ -1124,7 +1365,9 @@ def resume_from(
         models.CheckpointError: the checkpoint's model, EMA or optimizer state does not fit.
     """
     models.load_state_dict(built.model, ckpt["model"], args.resume, name=args.model)
-    if args.eval or ckpt.get("optimizer") is None or "epoch" not in ckpt:
+    if args.eval:
+        return 0.0
+    if not resumes_training(ckpt):  # check_start_epoch said so
         return 0.0
     load_optimizer_state(optim.optimizer, ckpt["optimizer"], args.resume, args)
     if ckpt.get("lr_scheduler"):
@@ -1163,7 +1406,7 @@ def train(
     Returns:
         The last evaluation statistics and ``max_accuracy``.
     """
-    tb = TensorBoardLogger(args.log_dir or args.output_dir, args.tb_log_freq, len(data.loader_train))
+    tb = TensorBoardLogger(args.log_dir or args.output_dir, args.tb_log_freq, len(data.loader_train), run.output_dir)
     _logger.info(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     test_stats: dict[str, float] = {}
@@ -1237,6 +1480,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     resolved = argparse.Namespace(**vars(args))  # the flags as given, for args.yaml and checkpoints
     run = setup_run(args, resolved)
     resume_ckpt, finetune_state = read_checkpoints(args)
+    check_start_epoch(args, resume_ckpt)
     data = build_data(args)
     built = build_models(args, run.device, data.num_classes, finetune_state)
     optim = build_optimization(args, built.model, run, data.num_classes)

@@ -38,6 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -207,9 +208,12 @@ class _DownloadError(Exception):
 def _load_error_reason(err: Exception) -> str:
     """One line saying why ``torch.load`` failed (its ``weights_only`` errors span a paragraph of advice)."""
     text = str(err)
-    match = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use|\n|$)", text)  # the detail may follow "\n\n"
     if match:
-        return f"{type(err).__name__}: {match.group(1).strip()} (only tensors and plain data are loaded)"
+        detail = match.group(1).strip() or "no detail"
+        if detail.startswith("Unsupported operand"):  # torch.save writes none of these: a plain pickle, or no pickle
+            return f"{type(err).__name__}: {detail}: not a file written by torch.save"
+        return f"{type(err).__name__}: {detail} (only tensors and plain data are loaded)"
     return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no detail'}"
 
 
@@ -218,7 +222,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
 
     Besides tensors and plain data it rebuilds only :data:`CHECKPOINT_SAFE_GLOBALS`.
     """
-    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+    with warnings.catch_warnings(), torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+        # A plain pickle makes torch warn about its protocol before failing; the failure is reported, not the warning.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

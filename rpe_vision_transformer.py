@@ -12,6 +12,10 @@ ours, because iRPE adds terms inside the softmax (queries, keys) and after it (v
 its rotary embedding to every block, the model hands every block the patch grid ``(height, width)`` of the input,
 from which each iRPE module computes its bucket ids. Nothing ever guesses the grid from the sequence length.
 
+:func:`add_irpe` puts iRPE into a model built by timm's own ``VisionTransformer`` (ViT, DeiT, DeiT-III, ViTs with
+registers, ...), pretrained or not, by turning it into these classes in place: same parameters under the same names,
+plus zero tables, so it computes what it did until training moves them.
+
 Parameter names are the timm-0.3 ViT layout of the released DeiT and iRPE checkpoints (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``;
 ``dist_token`` and ``head_dist`` for distilled models; iRPE tables at ``blocks.{i}.attn.rpe_{q,k,v}.*``), so those
@@ -30,12 +34,13 @@ records the traced input's grid.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
 import torch
-from timm.layers import Attention, resample_abs_pos_embed, trunc_normal_
-from timm.models._features import feature_take_indices
+from timm.layers import Attention, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block
@@ -49,13 +54,15 @@ from irpe_attention import rpe_attention
 __all__ = [
     "ATTN_IMPLS",
     "DistilledVisionTransformer",
+    "IRPESpec",
     "RPEAttention",
     "RPEBlock",
     "VisionTransformer",
+    "add_irpe",
     "image_patch_grid",
 ]
 
-AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops"]
+AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops", "triton"]
 # Attention implementations RPEAttention can run (see irpe_attention.resolve_attn_impl): 'math' materialises the
 # (B, H, L, L) probabilities; 'sdpa' runs PyTorch's fused attention with the iRPE bias and keeps nothing L x L for
 # backward; 'flex' adds the bias inside FlexAttention (no values); 'ops' is the fused CPU kernel of rpe_ops. 'auto'
@@ -104,6 +111,15 @@ def _uses_rpe(rpe_config: irpe.RPEConfigs | None) -> bool:
     return rpe_config is not None and any(getattr(rpe_config, f"rpe_{w}") is not None for w in "qkv")
 
 
+def _check_attn_impl(attn_impl: str, rpe_config: irpe.RPEConfigs | None, attn_drop: float) -> None:
+    """``ValueError`` for an unknown ``attn_impl``, or an explicit one that cannot run this configuration (e.g. a
+    fused path with attention dropout): raised when the model is built rather than at its first step."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attn_impl={attn_impl!r}; choose one of {ATTN_IMPLS}")
+    if attn_impl not in ("auto", "math") and _uses_rpe(rpe_config):
+        irpe_attention.resolve_attn_impl(attn_impl, rpe_config.rpe_v is not None, attn_drop, device=None)
+
+
 class RPEAttention(Attention):
     """timm's multi-head self-attention with iRPE on queries, keys and/or values.
 
@@ -145,13 +161,10 @@ class RPEAttention(Attention):
         """(Re)build the iRPE modules ``rpe_q``, ``rpe_k``, ``rpe_v`` (zero tables) and set the attention path.
 
         :class:`RPEBlock` calls it after timm's ``Block`` has built the attention, as timm's ``attn_layer`` hook
-        passes only timm's own arguments.
+        passes only timm's own arguments; :func:`add_irpe` calls it on the attention of a timm model.
         """
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"unknown attn_impl={attn_impl!r}; choose one of {ATTN_IMPLS}")
+        _check_attn_impl(attn_impl, rpe_config, self.attn_drop.p)
         modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=self.num_heads)
-        if attn_impl not in ("auto", "math") and _uses_rpe(rpe_config):  # fails here rather than at the first step
-            irpe_attention.resolve_attn_impl(attn_impl, modules[2] is not None, self.attn_drop.p, device=None)
         self.attn_impl = attn_impl
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         weight = self.qkv.weight
@@ -181,16 +194,21 @@ class RPEAttention(Attention):
 
         Args:
             x: tokens ``(B, L, C)``.
-            attn_mask: unsupported (``timm.layers.Attention``'s signature); must be ``None``.
-            is_causal: unsupported; must be ``False``.
+            attn_mask: as ``timm.layers.Attention`` takes it (``F.scaled_dot_product_attention``'s convention: a bool
+                True marks a pair that takes part, a float mask is added to the logits), broadcastable to ``(B,
+                num_heads, L, L)`` from the right; a query with no key left gets a zero output.
+            is_causal: unsupported (image tokens attend in every direction); must be ``False``.
             height: patch-grid rows; pass it (and ``width``) whenever an iRPE module is present.
             width: patch-grid columns.
 
         Returns:
             ``(B, L, C)``.
         """
-        if attn_mask is not None or is_causal:
-            raise ValueError("RPEAttention takes no attn_mask and no is_causal: every token attends to every token")
+        if is_causal:
+            raise ValueError("RPEAttention takes no is_causal: image tokens attend in every direction; pass attn_mask")
+        if attn_mask is not None:  # rpe_attention's bool masks follow nn.MultiheadAttention: True is masked out
+            attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # (.., L, L), 4-D
         B, L, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -209,6 +227,7 @@ class RPEAttention(Attention):
             scale=self.scale,
             dropout_p=dropout_p,
             impl=self.attn_impl,
+            attn_mask=attn_mask,
         )  # (B, H, L, d)
         x = self.norm(x.transpose(1, 2).reshape(B, L, self.attn_dim))
         if gate is not None:
@@ -505,3 +524,172 @@ def _check_rpe_skip(rpe_config: irpe.RPEConfigs | None, num_prefix_tokens: int) 
                 f"token, distillation token): build the configuration with get_rpe_config(..., skip="
                 f"{num_prefix_tokens})"
             )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iRPE in a timm ViT: add_irpe
+
+
+# The timm classes add_irpe retrofits, and the class of this file each becomes. Both of ours add only the overrides
+# that hand the patch grid to the blocks (`_embed`, `forward_features`, `forward_intermediates`); every parameter,
+# buffer and attribute timm's constructor made stays as it is.
+_RETROFIT_CLASSES: dict[type, type] = {
+    TimmVisionTransformer: VisionTransformer,
+    VisionTransformerDistilled: DistilledVisionTransformer,
+    VisionTransformer: VisionTransformer,
+    DistilledVisionTransformer: DistilledVisionTransformer,
+}
+
+
+@dataclass(frozen=True)
+class IRPESpec:
+    """The iRPE that :func:`add_irpe` puts into a model, written as ``main.py --irpe`` takes it.
+
+    Text form: ``METHOD,MODE,ON[,ratio=R][,shared_head=false]``, e.g. ``product,ctx,qkv`` or
+    ``euc,bias,k,ratio=20``. The fields are canonicalised (``contextual`` -> ``ctx``, ``kq`` -> ``qk``), so equal
+    encodings have equal text.
+
+    Attributes:
+        method: ``'euc'``, ``'quant'``, ``'cross'`` or ``'product'``.
+        mode: ``'ctx'`` (contextual: a vector per bucket) or ``'bias'`` (a scalar per bucket).
+        rpe_on: where the encodings are: any of ``'q'``, ``'k'``, ``'v'`` (values need ``ctx``).
+        ratio: scale of the piecewise index (``alpha, beta, gamma = ratio * (1, 2, 8)``); sets the bucket count.
+        shared_head: one table for all heads (``True``) or one per head.
+    """
+
+    method: str = "product"
+    mode: str = "ctx"
+    rpe_on: str = "k"
+    ratio: float = 1.9
+    shared_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("euc", "quant", "cross", "product"):
+            raise ValueError(f"unknown iRPE method {self.method!r}: use euc, quant, cross or product")
+        mode = {"ctx": "ctx", "contextual": "ctx", "bias": "bias"}.get(self.mode)
+        if mode is None:
+            raise ValueError(f"unknown iRPE mode {self.mode!r}: use ctx (contextual) or bias")
+        on = self.rpe_on
+        if not on or set(on) - set("qkv") or len(set(on)) != len(on):
+            raise ValueError(f"iRPE on {on!r}: name where the encodings go with the letters q, k, v (e.g. k, qkv)")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "rpe_on", "".join(w for w in "qkv" if w in on))
+        irpe.get_rpe_config(self.ratio, self.method, self.mode, self.shared_head, rpe_on=self.rpe_on)  # the rest
+
+    @classmethod
+    def parse(cls, text: str) -> IRPESpec:
+        """The spec of ``text`` (see the class docstring).
+
+        Raises:
+            ValueError: what is wrong with ``text``, and the form it should take.
+        """
+        form = "METHOD,MODE,ON[,ratio=R][,shared_head=false], e.g. product,ctx,k or euc,bias,qk,ratio=20"
+        parts = [p.strip() for p in text.lower().split(",")]
+        if len(parts) < 3 or any("=" in p for p in parts[:3]):
+            raise ValueError(f"{text!r} is not an iRPE spec: write {form}")
+        options: dict[str, Any] = {}
+        for part in parts[3:]:
+            key, _, value = part.partition("=")
+            if key == "ratio":
+                try:
+                    options["ratio"] = float(value)
+                except ValueError:
+                    raise ValueError(f"{text!r}: ratio={value!r} is not a number (e.g. ratio=1.9)") from None
+            elif key == "shared_head" and value in ("true", "false"):
+                options["shared_head"] = value == "true"
+            else:
+                raise ValueError(f"{text!r}: unknown option {part!r}; the options are ratio=R, shared_head=true|false")
+        return cls(*parts[:3], **options)
+
+    def __str__(self) -> str:
+        text = f"{self.method},{self.mode},{self.rpe_on}"
+        if self.ratio != IRPESpec.ratio:
+            text += f",ratio={float(self.ratio)!r}"
+        return text if self.shared_head else f"{text},shared_head=false"
+
+
+def _retrofit_problems(model: nn.Module) -> list[str]:
+    """What keeps :func:`add_irpe` from putting iRPE into ``model``; empty when it can."""
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if type(model) not in _RETROFIT_CLASSES:
+        return [
+            f"{kind} is not timm's VisionTransformer or VisionTransformerDistilled (add_irpe covers ViT, DeiT, "
+            "DeiT-III, ViTs with registers, DINOv2, CLIP- and SigLIP-style ViTs); windowed or hierarchical attention "
+            "(Swin, MViT, ...) has no single patch grid, and models with attention of their own (EVA, BEiT, RoPE "
+            "ViTs, ...) are not built on timm's Attention"
+        ]
+    problems = []
+    if _uses_rpe(getattr(model, "rpe_config", None)):
+        problems.append("the model has iRPE already (rpe_config is set): build it without an rpe_config instead")
+    if type(model.patch_embed) is not PatchEmbed:
+        problems.append(
+            f"its patch embedding is {type(model.patch_embed).__name__}, not timm's PatchEmbed (hybrid CNN stems "
+            "are not supported)"
+        )
+    if not isinstance(model.patch_drop, nn.Identity):
+        problems.append("it drops patches (patch_drop_rate > 0), which the iRPE bucket ids of the grid refer to")
+    for i, block in enumerate(model.blocks):
+        attn = getattr(block, "attn", None)
+        if type(block) not in (Block, RPEBlock) or type(attn) not in (Attention, RPEAttention):
+            with_attn = f" with {type(attn).__name__}" if attn is not None else ""
+            problems.append(
+                f"block {i} is {type(block).__name__}{with_attn}, not timm's Block with its Attention (parallel, "
+                "post-norm or differential attention blocks are not supported)"
+            )
+            break
+    return problems
+
+
+def add_irpe(
+    model: nn.Module,
+    *,
+    ratio: float = 1.9,
+    method: str | irpe.METHOD = "product",
+    mode: str = "ctx",
+    shared_head: bool = True,
+    rpe_on: str = "k",
+    attn_impl: AttnImpl = "auto",
+) -> nn.Module:
+    """Put iRPE into every block of a timm ViT, pretrained or not, in place; returns ``model``.
+
+    Covers timm's ``VisionTransformer`` (class token or global pooling, register tokens, ``dynamic_img_size``,
+    ``dynamic_img_pad``, qk-norm, layer scale, MAP pooling) and ``VisionTransformerDistilled`` built with timm's
+    ``Block`` and ``Attention``, and a ``features_only=True`` wrapper of one (timm's ``FeatureGetterNet``). Each
+    attention becomes :class:`RPEAttention` and each block :class:`RPEBlock` (same parameters, same names), and the
+    model this file's :class:`VisionTransformer` (or :class:`DistilledVisionTransformer`), whose forward hands the
+    blocks the patch grid of every input, as the iRPE models of this project do. So a checkpoint of the original
+    model loads with ``strict=False`` missing only the iRPE tables, and the model computes what it computed before
+    until training moves the tables (they start at zero). The encodings' ``skip`` is the model's prefix-token count
+    (class, register and distillation tokens).
+
+    Args:
+        model: the timm model (changed in place).
+        ratio: scale of the piecewise index (``alpha, beta, gamma = ratio * (1, 2, 8)``).
+        method: ``'euc'``, ``'quant'``, ``'cross'``, ``'product'`` or an :class:`irpe.METHOD`.
+        mode: ``'ctx'``/``'contextual'`` or ``'bias'``.
+        shared_head: one table for all heads, or one per head.
+        rpe_on: where the encodings go: any of ``'q'``, ``'k'``, ``'v'``.
+        attn_impl: the attention path of every block (see :class:`RPEAttention`).
+
+    Returns:
+        ``model``, with iRPE.
+
+    Raises:
+        ValueError: a model this cannot retrofit (with the reason; the model is left unchanged), or a bad setting.
+    """
+    target = model.model if isinstance(model, FeatureGetterNet) else model
+    problems = _retrofit_problems(target)
+    if problems:
+        raise ValueError(f"add_irpe cannot put iRPE into this model: {'; '.join(problems)}")
+    config = irpe.get_rpe_config(ratio, method, mode, shared_head, skip=target.num_prefix_tokens, rpe_on=rpe_on)
+    if not _uses_rpe(config):
+        raise ValueError(f"mode={mode!r}, rpe_on={rpe_on!r} encode nothing: use mode 'ctx' or 'bias' and rpe_on 'k'")
+    for block in target.blocks:
+        _check_attn_impl(attn_impl, config, block.attn.attn_drop.p)
+    target.__class__ = _RETROFIT_CLASSES[type(target)]
+    target.rpe_config = config
+    for block in target.blocks:
+        block.__class__ = RPEBlock
+        block.attn.__class__ = RPEAttention
+        block.attn.set_rpe(config, attn_impl=attn_impl, qk_scale=block.attn.scale)
+    return model

@@ -87,8 +87,8 @@ class Trainer:
         import submitit
 
         self.args.dist_url = init_file_url(Path(self.args.job_dir).parent)
-        ckpt = Path(self.args.output_dir) / "checkpoint.pth"
-        if ckpt.exists():
+        ckpt = trainer_main.resumable_checkpoint(Path(self.args.output_dir))  # None: preempted before any checkpoint
+        if ckpt is not None:
             self.args.resume = str(ckpt)
         _logger.info(f"Requeuing {self.args}")
         return submitit.helpers.DelayedSubmission(type(self)(self.args))

@@ -9,11 +9,14 @@ rank 0 only, where DeiT replaced ``builtins.print`` on the other ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import itertools
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -455,6 +458,70 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     kill_point(f"{path.name}:appended")
+
+
+_event_file_ids = itertools.count()
+
+
+class ScalarEventFile:
+    """A TensorBoard event file of scalars, written by the calling thread.
+
+    ``torch.utils.tensorboard.SummaryWriter`` writes from a thread of its own: a failed write (a full disk) prints
+    that thread's traceback, then fails again in the training loop. Here every write and flush happens in the
+    caller, so an ``OSError`` reaches it, and the records written before stay readable. The file is named and laid
+    out as ``SummaryWriter``'s (TFRecord framing from ``tensorboard``, summaries from ``torch.utils.tensorboard``);
+    records are buffered and flushed by :meth:`flush` or at the first record ``flush_secs`` after the last flush.
+
+    Args:
+        log_dir: Folder of the event file (created if missing).
+        flush_secs: Longest time a record stays in memory, as ``SummaryWriter``'s ``flush_secs``.
+
+    Raises:
+        OSError: the folder or the file cannot be created or written (also from :meth:`add_scalar` and :meth:`flush`).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike[str], flush_secs: float = 120.0) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import scalar
+
+        self._event, self._scalar = Event, scalar
+        self.flush_secs = flush_secs
+        stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_event_file_ids)}"
+        self.path = Path(log_dir) / f"events.out.tfevents.{stamp}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("xb")
+        self._records = RecordWriter(self._file)
+        try:
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            self.flush()
+        except OSError as e:
+            self.close_quietly()
+            e.filename = e.filename or str(self.path)  # a failed flush names no file
+            raise
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Adds one scalar record (``SummaryWriter.add_scalar``'s layout)."""
+        self._write(self._event(wall_time=time.time(), step=int(step), summary=self._scalar(tag, value)))
+        if time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes the buffered records to the file."""
+        self._last_flush = time.monotonic()
+        self._file.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the file (closed even when the flush fails)."""
+        self._file.close()
+
+    def close_quietly(self) -> None:
+        """Closes the file, dropping what cannot be written: after a failed write, which was reported then."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -68,7 +68,11 @@ CASES = [
     ("cfg-str-number", ["--config", "{cfg:model_number}"], "'model': expected a string, got 18 (int) (quote it"),
     ("cfg-not-utf8", ["--config", "{cfg:not_utf8}"], "is not UTF-8 text (byte 8: invalid continuation byte)"),
     # These get past the flags: the data and the model are built, then the checkpoint is checked against them.
-    ("resume-optimizer-of-another-model", ["--resume", "{ckpt:other_optimizer}"], "its optimizer state does not fit"),
+    (
+        "resume-optimizer-of-another-model",
+        ["--resume", "{ckpt:other_optimizer}", "--epochs", "2"],  # its epoch 0 would be the last of --epochs 1
+        "its optimizer state does not fit",
+    ),
     ("finetune-other-architecture", ["--finetune", "{ckpt:resnet}"], "it is from another architecture"),
     ("finetune-shape-mismatch", ["--finetune", "{ckpt:wider_mlp}"], "weight shapes differ from " + MODEL),
 ]

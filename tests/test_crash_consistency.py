@@ -7,7 +7,8 @@ resuming: every epoch logged exactly once, the best weights never lost, no tempo
 
 Default suite: one chain of four runs with a kill inside each of the three writes (best_checkpoint.pth after its
 rename, log.txt after the append, checkpoint.pth part-written), an old-version output folder repaired on resume,
-and a full disk. ``-m slow``: every kill point on its own.
+and a full disk. ``-m slow``: every kill point on its own, and a kill in epoch 0's checkpoint.pth followed by a
+refused fresh run and a resume from best_checkpoint.pth.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def _scripted(monkeypatch, accs: list[float]) -> None:
 def test_resume_repairs_an_output_folder_of_the_old_save_order(data, tmp_path, monkeypatch, capsys):
     """The old order (log, checkpoint, best) killed between checkpoint and best: best_checkpoint.pth held epoch 0
     (50%) while max_accuracy said 100%, and the resumed run logged an epoch twice. Resuming now repairs both."""
-    _scripted(monkeypatch, [50.0, 100.0])
+    _scripted(monkeypatch, [50.0, 100.0, 70.0])
     out = tmp_path / "run"
     assert main.cli(_argv(data, out, 1, resume=False)) == 0
     shutil.copy(out / "best_checkpoint.pth", tmp_path / "best_epoch0.pth")
@@ -183,12 +184,12 @@ def test_resume_repairs_an_output_folder_of_the_old_save_order(data, tmp_path, m
     lines = (out / "log.txt").read_text().splitlines()
     (out / "log.txt").write_text("\n".join([lines[0], lines[1], lines[1]]) + '\n{"train_lr": 0.00')
     capsys.readouterr()
-    assert main.cli(_argv(data, out, 2, resume=True)) == 0  # nothing left to train: only the repair
+    assert main.cli(_argv(data, out, 3, resume=True)) == 0  # the repair, then epoch 2 (70%: not the best)
     stdout = capsys.readouterr().out
     assert "restored from" in stdout and "removed 2 line(s)" in stdout
     best = _load(out / "best_checkpoint.pth")
     assert best["epoch"] == 1 and best["max_accuracy"] == 100.0
-    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
 
 
 def test_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
@@ -217,3 +218,24 @@ def test_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(data, tmp
     assert f"the previous {out / 'checkpoint.pth'} is intact" in err and "--resume" in err
     assert _load(out / "checkpoint.pth")["epoch"] == 0
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_kill_in_the_first_checkpoint_then_a_fresh_run_is_refused_and_best_resumes(data, tmp_path):
+    """A kill inside epoch 0's checkpoint.pth leaves best_checkpoint.pth and log.txt: a run without --resume is
+    refused (it would log epoch 0 twice), and --resume best_checkpoint.pth, which the message names, completes."""
+    out = tmp_path / "run"
+    run(data, out, 2, "checkpoint.pth:partial#1")
+    assert check_invariant(out, best_epoch=0) == -1
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", utils.KILL_AT_ENV)}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, *_argv(data, out, 2, resume=False)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --output_dir {out} holds another run (log.txt, best_checkpoint.pth; it reached epoch 0): continue "
+        f"it with --resume {out / 'best_checkpoint.pth'}, or pass another --output_dir for a new run"
+    )
+    argv = [*_argv(data, out, 2, resume=False), "--resume", str(out / "best_checkpoint.pth")]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_final(out, 2)
