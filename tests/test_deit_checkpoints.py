@@ -127,5 +127,5 @@ def test_our_checkpoint_resumes_in_deits_main(data, tmp_path, capsys):
     model_ema._load_checkpoint(buffer)
     loss_scaler.load_state_dict(checkpoint["scaler"])  # refuses None and {}: a run without loss scaling
     assert loss_scaler.get_scale() == 65536.0
-    for k, v in checkpoint["model_ema"].items():
-        torch.testing.assert_close(model_ema.ema.state_dict()[k], v)
+    for k, v in checkpoint["model_ema"].items():  # loaded weights: exact copies
+        torch.testing.assert_close(model_ema.ema.state_dict()[k], v, rtol=0, atol=0, msg=k)

@@ -127,7 +127,7 @@ def test_zoo_mirrors_do_not_share_cached_files(server: Server, monkeypatch: pyte
     for mirror, state in (("a", state_a), ("b", state_b)):
         monkeypatch.setenv("IRPE_MODEL_ZOO_URL", f"{server.url}/{mirror}/")
         model = timm.create_model(NAME, pretrained=True, **SMALL)
-        torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)
+        torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)  # loaded weights: exact copies
 
 
 def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir: Path) -> None:
@@ -204,7 +204,7 @@ def test_corrupted_cached_download_is_deleted_and_fetched_again(
     with pytest.raises(PretrainedWeightsError, match="cached download .* has been deleted") as info:
         timm.create_model(NAME, pretrained=True, **SMALL)
     assert str(cached) in str(info.value) and not cached.exists()
-    torch.testing.assert_close(timm.create_model(NAME, pretrained=True, **SMALL).state_dict(), state)
+    torch.testing.assert_close(timm.create_model(NAME, pretrained=True, **SMALL).state_dict(), state, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
+from tolerances import assert_close_reduction, network_reduction_length
 from torch.export import Dim
 
 import irpe
@@ -66,7 +67,7 @@ def test_jit_trace(attn_impl: str) -> None:
     x = torch.randn(2, 3, 32, 48)
     with pytest.warns(torch.jit.TracerWarning):  # the grid is read as Python ints: the trace is for this grid
         traced = torch.jit.trace(model, x)
-    with torch.no_grad():
+    with torch.no_grad():  # the trace replays the model's own kernels: bit for bit the same numbers
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
         x3 = torch.randn(3, 3, 32, 48)
         torch.testing.assert_close(traced(x3), model(x3), rtol=0, atol=0)
@@ -76,7 +77,7 @@ def test_fx_symbolic_trace() -> None:
     """Plain torch.fx.symbolic_trace: the grid and the iRPE attention are leaves, so any grid runs, and checks."""
     model = _fresh(CROSS)
     graph_module = torch.fx.symbolic_trace(model)
-    with torch.no_grad():
+    with torch.no_grad():  # the graph calls the model's own modules and functions: bit for bit the same numbers
         for x in _inputs():
             torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
         with pytest.raises(ValueError, match="multiple of the patch size"):
@@ -100,7 +101,8 @@ def test_export_dynamic_save_load(name: str, attn_impl: str, tmp_path) -> None:
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     with torch.no_grad():
         for x in _inputs():
-            torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+            # the exported graph may fuse or reorder the reductions: n is the longest times the model's layers
+            assert_close_reduction(loaded(x), model(x), network_reduction_length(model))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(torch.randn(1, 3, 40, 32))
 
@@ -121,7 +123,7 @@ def test_export_flex_dynamic_batch() -> None:
         program = torch.export.export(model, (torch.randn(2, 3, 32, 48),), dynamic_shapes={"x": {0: Dim("batch")}})
         for batch in (2, 3):
             x = torch.randn(batch, 3, 32, 48)
-            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+            assert_close_reduction(program.module()(x), model(x), network_reduction_length(model))  # as above
 
 
 def test_onnx_dynamo_export(tmp_path) -> None:
@@ -140,4 +142,5 @@ def test_onnx_dynamo_export(tmp_path) -> None:
     with torch.no_grad():
         for x in _inputs():
             (out,) = session.run(None, {input_name: x.numpy()})
-            torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+            # onnxruntime's own kernels and summation order: n is the longest reduction times the model's layers
+            assert_close_reduction(torch.from_numpy(out), model(x), network_reduction_length(model))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 from torch import nn
 
 import irpe
@@ -27,7 +28,9 @@ def _reference_input(ref: dict) -> torch.Tensor:
     """The input was drawn with ``torch.randn`` from a recorded seed; it is regenerated instead of stored."""
     generator = torch.Generator().manual_seed(ref["seeds"]["input"])
     x = torch.randn(ref["input_shape"], generator=generator)
-    assert x.double().sum().item() == pytest.approx(ref["input_sum"], abs=1e-9), "torch.randn changed: store inputs"
+    # a float64 sum of x.numel() terms, in another order on another machine: its partial sums are below sum |x|
+    atol = reduction_tol(torch.float64, x.numel(), scale=x.double().abs().sum().item())["atol"]
+    assert x.double().sum().item() == pytest.approx(ref["input_sum"], abs=atol), "torch.randn changed: store inputs"
     return x
 
 
@@ -58,15 +61,24 @@ def test_matches_reference(file_name: str) -> None:
     x = _reference_input(ref).requires_grad_(True)
 
     out = call(x)
-    torch.testing.assert_close(out, ref["output"], rtol=1e-5, atol=1e-5)
+    # The original's float32 results from another machine. n: the longest reduction (fc2's inputs, a row's L keys)
+    # times the layers; for gradients at least the B * H * L * L logits a table's gradient sums, times the layers.
+    B, L = x.size(0), (x.size(1) if ref["level"] == "attention" else 1 + module.patch_embed.num_patches)
+    heads = ref["model_kwargs"]["num_heads"]
+    assert_close_reduction(out, ref["output"], network_reduction_length(module, L))
 
     (out * ref["grad_weights"]).sum().backward()
     params = dict(module.named_parameters())
     tables = {name for name in params if "lookup_table" in name}
     assert tables == set(ref["grads"]), "the reference covers every lookup table"
-    for name, grad in ref["grads"].items():
-        torch.testing.assert_close(params[name].grad, grad, rtol=1e-4, atol=1e-4, msg=name)
-    torch.testing.assert_close(x.grad, ref["input_grad"], rtol=1e-4, atol=1e-4)
+    # Absolute tolerance from the largest gradient: in a model's last block the tables' gradients are analytically
+    # zero (only the class token's row reaches the logits, and it uses the one extra bucket: a shift softmax ignores).
+    pairs = [(params[name].grad, grad, name) for name, grad in ref["grads"].items()]
+    pairs.append((x.grad, ref["input_grad"], "input"))
+    scale = max(expected.abs().max().item() for _, expected, _ in pairs)
+    tol = reduction_tol(torch.float32, network_reduction_length(module, B * heads * L * L), scale=scale)
+    for actual, expected, name in pairs:
+        torch.testing.assert_close(actual, expected, **tol, msg=name)
 
 
 def _read_keys(path: Path) -> list[tuple[str, tuple[int, ...]]]:
@@ -95,4 +107,5 @@ def test_full_size_reference_logits(shared_reference: Path) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(ref["input"])
-    torch.testing.assert_close(logits, ref["logits"], rtol=1e-4, atol=1e-4)
+    # float32 logits from another machine: n is the longest reduction (fc2's 768 inputs) times the 50 layers
+    assert_close_reduction(logits, ref["logits"], network_reduction_length(model))
