@@ -52,11 +52,7 @@ TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 
 def _ops_usable() -> bool:
-    try:
-        irpe_attention.resolve_attn_impl("ops", has_rpe_v=False, dropout_p=0.0, device=torch.device("cpu"))
-    except ValueError:
-        return False
-    return True
+    return irpe_attention._ops_attention_usable(torch.device("cpu"))[0]
 
 
 FUSED = ["sdpa", pytest.param("ops", marks=pytest.mark.skipif(not _ops_usable(), reason="rpe_ops is not built"))]

@@ -118,10 +118,10 @@ def test_gpu_check_script_parses_and_explains_its_usage():
     assert bad.returncode == 2 and "unknown argument --fast" in bad.stderr
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
-    # Every step of the GPU check, on CPU at tiny sizes (several minutes on 2 shared cores): the commands, the
-    # benchmarks' and probes' Python parts, the training script's runs and the block of results under $OUT.
+    # Every step of the GPU check, on CPU at tiny sizes (about a minute on 2 cores; --compile and the Triton benchmark
+    # are left out): the commands, the benchmarks' and probes' Python parts, the training script's runs and the
+    # block of results under $OUT. In the default suite, so that the script a lent GPU runs as it is keeps working.
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", "tools/gpu_check.sh", "--dry-run"],
@@ -129,7 +129,7 @@ def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
