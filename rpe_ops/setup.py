@@ -119,7 +119,11 @@ def nvcc_arch_list() -> set[str] | None:
     """Compute capabilities ("7.5", "9.0", ...) the installed nvcc can compile for, or None when unknown."""
     try:
         listing = subprocess.run(
-            [str(Path(CUDA_ROOT) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True, check=True, timeout=60
+            [str(Path(CUDA_ROOT) / "bin" / "nvcc"), "--list-gpu-arch"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None

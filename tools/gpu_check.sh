@@ -263,14 +263,18 @@ for impl, backend in runs:
                 torch.nn.init.normal_(p, std=0.02)  # tables start at zero; random ones make the lookups count
         state = model.state_dict()
     model.load_state_dict(state)
-    with irpe.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+    # bf16 autocast on the GPU; float32 in the dry run (Triton's interpreter computes tl.dot on bf16 wrongly)
+    with irpe.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     results[impl, backend] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
     print(f"{impl:6s} backend {backend:5s}: loss {loss.item():.6f}")
 ref_loss, ref_grads = results["sdpa", "torch"]
+# a gradient's difference relative to its own size, or to 1e-3 of the largest one: some (the last block's rpe_k)
+# are analytically ~0, their values rounding noise
+floor = 1e-3 * max(g.norm().item() for g in ref_grads.values())
 for key, (loss, grads) in results.items():
-    worst = max(((g - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-12)).item() for n, g in grads.items())
+    worst = max((g - ref_grads[n]).norm().item() / max(ref_grads[n].norm().item(), floor) for n, g in grads.items())
     print(f"{key}: |loss - torch's| = {abs(loss - ref_loss):.2e}, worst relative gradient difference {worst:.2e}")
     # bf16 autocast: both runs round the same activations; they differ in the lookups' accumulation order only
     assert abs(loss - ref_loss) < 2e-2 and worst < 5e-2, key
