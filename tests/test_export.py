@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 import timm
 import torch
-from tolerances import assert_close_reduction, network_reduction_length
 from torch.export import Dim
 
 import irpe
 import irpe_attention
 import rpe_models  # noqa: F401  (registers the models)
+from tolerances import assert_close_reduction, network_reduction_length
 
 NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
 QKV = "deit_small_patch16_224_ctx_product_50_shared_qkv"  # iRPE on values: the 'math' path whatever was asked

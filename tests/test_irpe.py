@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_close_reduction, network_reduction_length
 from torch import nn
 
 import irpe
 from irpe import METHOD
+from tolerances import assert_close_reduction, network_reduction_length
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ import importlib.util
 
 import pytest
 import torch
-from tolerances import assert_close_reduction, reduction_tol
 from torch import nn
 
 import irpe
 import irpe_attention
+from tolerances import assert_close_reduction, reduction_tol
 
 OPS = irpe.ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
 needs_ops = pytest.mark.skipif(not OPS, reason="rpe_ops is not built (make ops)")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_close_reduction, reduction_tol
 from torch import nn
 
 import irpe
 import irpe_attention
 from irpe_attention import RPEMultiheadAttention
+from tolerances import assert_close_reduction, reduction_tol
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPS_KERNEL = irpe_attention._ops_attention_usable(torch.device("cpu"))[0]

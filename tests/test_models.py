@@ -9,11 +9,11 @@ import pytest
 import timm
 import torch
 from timm.layers import DropPath
-from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 
 import irpe
 import rpe_models
 from rpe_vision_transformer import DistilledVisionTransformer, RPEAttention, VisionTransformer
+from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 
 REFERENCE_PARAMS = Path(__file__).resolve().parent.parent.parent / "shared" / "reference" / "params.txt"
 # Total parameters of the nine models at 224 with 1000 classes (the original's counts, reference/params.txt).

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 from torch import nn
 
 import irpe
 import rpe_models
 from rpe_vision_transformer import RPEAttention, VisionTransformer
+from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 
 MODELS_DIR = Path(__file__).resolve().parent / "data" / "models"
 REFERENCE_FILES = sorted(p.name for p in MODELS_DIR.glob("*.pt"))

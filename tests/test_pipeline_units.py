@@ -14,11 +14,11 @@ import pytest
 import timm
 import torch
 import yaml
-from tolerances import assert_close_reduction
 
 import main
 import utils
 from losses import DistillationLoss
+from tolerances import assert_close_reduction
 from tools.make_synthetic_dataset import make_dataset
 from tools.plot_logs import plot_logs, read_log
 

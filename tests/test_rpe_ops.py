@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close_reduction
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 import rpe_ops
+from tolerances import assert_close_reduction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import pytest
 import timm
 import torch
 from timm.models import FeatureInfo, get_notrace_functions, get_notrace_modules
-from tolerances import assert_close_reduction, network_reduction_length
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import rpe_models
+from tolerances import assert_close_reduction, network_reduction_length
 
 DEFAULT_MODELS = [
     "deit_tiny_patch16_224_ctx_product_50_shared_k",

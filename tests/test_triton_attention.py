@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import assert_close_reduction
 from torch import nn
 
 import irpe
 import irpe_attention
+from tolerances import assert_close_reduction
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the kernel's tests need it)")
 from rpe_ops import triton_attention  # noqa: E402

@@ -16,10 +16,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 import visualize_rpe as vr  # noqa: E402
-from tolerances import assert_close_reduction, reduction_tol  # noqa: E402
 
 import irpe  # noqa: E402
 from rpe_vision_transformer import VisionTransformer  # noqa: E402
+from tolerances import assert_close_reduction, reduction_tol  # noqa: E402
 
 GRID = (3, 5)  # non-square patch grid of the tiny models (12 x 20 px, patch 4)
 PATCH = 4
