@@ -49,6 +49,25 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"cpu: {_cpu_model()}", f"rpe_ops: {kernel}"]
 
 
+# The test that runs the CPU attention kernel in each instruction-set variant (tests/test_rpe_ops.py), ids
+# "<variant>-<factored|key-by-key>".
+_VARIANT_TEST = "test_rpe_attention_on_product_ids_matches_its_definition["
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line saying which variants of the CPU kernel were checked against float64 in this run, and which not."""
+    lines = {}
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if _VARIANT_TEST in nodeid and (report.when == "call" or outcome == "skipped"):
+                params = nodeid.split(_VARIANT_TEST, 1)[1].rstrip("]")
+                lines.setdefault(outcome, []).append(params)
+    if lines:
+        text = "; ".join(f"{outcome}: {', '.join(sorted(ids))}" for outcome, ids in lines.items())
+        terminalreporter.write_line(f"rpe_ops CPU kernel variants against float64 -- {text}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

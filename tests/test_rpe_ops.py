@@ -699,7 +699,7 @@ def _best_isa() -> str:
 def test_rpe_attention_on_product_ids_matches_its_definition(capability, isa, factored, tmp_path) -> None:
     levels = [level for _, level in ISA_LEVELS]
     if levels.index(isa) < levels.index(_best_isa()):
-        pytest.skip(f"this CPU runs at most the {_best_isa()} variant")
+        pytest.skip(f"this process runs at most the {_best_isa()} variant (the CPU's best, or ATEN_CPU_CAPABILITY's)")
     code = textwrap.dedent(
         f"""
         import sys
