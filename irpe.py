@@ -653,6 +653,14 @@ def backend_report(backend: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def autocast_disabled(device_type: str):
+    """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
+    exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class FusedTerm(NamedTuple):
     """One table of an encoding, as the fused attention paths consume it.
 

@@ -21,7 +21,6 @@ from ``irpe``'s one definition of it; the lookups run on the backend argument's 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -35,14 +34,6 @@ from irpe import FusedTerm, iRPE, iRPE_Cross, rpe_bucket_sum, rpe_index
 __all__ = ["ATTN_IMPLS", "RPEMultiheadAttention", "resolve_attn_impl", "rpe_attention"]
 
 ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops", "triton")
-
-
-def _autocast_disabled(device_type: str):
-    """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
-    exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -251,7 +242,7 @@ class _RPEBiasAttention(torch.autograd.Function):
         terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(weights, indices, kinds)]
         value_terms = [FusedTerm(w.to(work), i, False, False) for w, i in zip(value_weights, value_indices)]
         outs = []
-        with _autocast_disabled(q.device.type), torch.no_grad():
+        with irpe.autocast_disabled(q.device.type), torch.no_grad():
             for b0, b1 in _batch_chunks(q):
                 qc, kc = q[b0:b1], k[b0:b1]
                 qw, kw = qc.to(work), kc.to(work)
@@ -293,7 +284,7 @@ class _RPEBiasAttention(torch.autograd.Function):
         grads_qkv = []
         grad_weights = [torch.zeros_like(term.weight) for term in terms]
         grad_value_weights = [torch.zeros_like(term.weight) for term in value_terms]
-        with _autocast_disabled(q.device.type):
+        with irpe.autocast_disabled(q.device.type):
             for b0, b1 in _batch_chunks(q):
                 qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
                 oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
@@ -512,7 +503,7 @@ def _ops_rpe_attention(
     zeros)."""
     dtype = q.dtype
     work = _work_dtype(dtype)
-    with _autocast_disabled(q.device.type):
+    with irpe.autocast_disabled(q.device.type):
         out, _ = irpe.compiled_ops()[0].rpe_attention(
             q.to(work),
             k.to(work),
@@ -595,6 +586,10 @@ def rpe_attention(
         )
     backend = irpe.resolve_backend(backend)
     path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device, backend)
+    # the Triton kernel computes in float32 and takes a bool key padding mask only: 'auto' runs 'sdpa' otherwise
+    triton_mask = attn_mask is None and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+    if path == "triton" and impl == "auto" and (q.dtype == torch.float64 or not triton_mask):
+        path = "sdpa"
     if path == "math":
         return _math_rpe_attention(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend, mask)
     terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
@@ -610,17 +605,15 @@ def rpe_attention(
         return _flex_rpe_attention(q, k, v, scale, terms, mask)
     if path == "ops":
         return _ops_rpe_attention(q, k, v, scale, terms, value_terms, mask)
-    if path == "triton" and (impl != "auto" or q.dtype != torch.float64):
-        # the Triton kernel takes a bool key padding mask; other masks go to 'sdpa' under 'auto'
-        if attn_mask is None and (key_padding_mask is None or key_padding_mask.dtype == torch.bool):
-            return _triton_attention().triton_rpe_attention(
-                q, k, v, scale, terms, value_terms, key_padding_mask=key_padding_mask
-            )
-        if impl == "triton":
+    if path == "triton":
+        if not triton_mask:
             raise ValueError(
                 "attn_impl='triton' takes a bool key_padding_mask only (no attn_mask, no float mask): use "
                 "attn_impl='auto' or 'sdpa'"
             )
+        return _triton_attention().triton_rpe_attention(
+            q, k, v, scale, terms, value_terms, key_padding_mask=key_padding_mask
+        )
     kinds = tuple((term.is_bias, term.is_query) for term in terms)
     weights, indices = [term.weight for term in terms], [term.index for term in terms]
     value_weights, value_indices = [term.weight for term in value_terms], [term.index for term in value_terms]

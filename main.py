@@ -45,7 +45,6 @@ import random
 import re
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -546,6 +545,14 @@ def check_vit_model(name: str) -> int | None:
     return model_patch_size(model)
 
 
+def apply_irpe(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``add_irpe`` with the encodings of ``--irpe``; a model it cannot take is a ``UserError``."""
+    try:
+        return add_irpe(model, **asdict(IRPESpec.parse(args.irpe)), attn_impl=args.attn_impl)
+    except ValueError as e:
+        raise UserError(f"--irpe {args.irpe} with --model {args.model}: {e}") from None
+
+
 def check_irpe_model(args: argparse.Namespace) -> None:
     """Raises a ``UserError`` unless ``--irpe`` can go into ``--model``: tried on the meta device (no memory)."""
     try:
@@ -553,10 +560,7 @@ def check_irpe_model(args: argparse.Namespace) -> None:
             model = timm.create_model(args.model, pretrained=False)
     except Exception:  # noqa: BLE001  (anything build_model would meet again and report)
         return
-    try:
-        add_irpe(model, **asdict(IRPESpec.parse(args.irpe)), attn_impl=args.attn_impl)
-    except ValueError as e:
-        raise UserError(f"--irpe {args.irpe} with --model {args.model}: {e}") from None
+    apply_irpe(model, args)
 
 
 def _device_type(name: str) -> str | None:
@@ -682,10 +686,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise models.CheckpointError(f"cannot load pretrained weights of {args.model}: {reason}") from None
     check_input_size(args.input_size, model_patch_size(model), args.model)
     if args.irpe:  # after the pretrained weights have loaded: the tables start at zero
-        try:
-            add_irpe(model, **asdict(IRPESpec.parse(args.irpe)), attn_impl=args.attn_impl)
-        except ValueError as e:
-            raise UserError(f"--irpe {args.irpe} with --model {args.model}: {e}") from None
+        apply_irpe(model, args)
     return model
 
 
@@ -899,8 +900,7 @@ class TensorBoardLogger:
 # A folder holds one run: a training run that does not resume from a checkpoint in it refuses a folder that holds
 # log.txt or a checkpoint (check_output_dir_unused), so no log mixes the epochs of two runs.
 
-OUTPUT_FILES = ("best_checkpoint.pth", "log.txt", "checkpoint.pth")
-RUN_FILES = ("log.txt", "checkpoint.pth", "best_checkpoint.pth")  # what a folder that holds a run holds
+OUTPUT_FILES = ("log.txt", "checkpoint.pth", "best_checkpoint.pth")  # what a folder that holds a run holds
 
 
 def resumable_checkpoint(output_dir: Path) -> Path | None:
@@ -941,9 +941,7 @@ def _logged_epochs(path: Path) -> list[int]:
 def _checkpoint_epoch(path: Path) -> int | None:
     """The ``epoch`` a checkpoint holds (read memory-mapped, not loaded), or None when it has none or is unreadable."""
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(models.CHECKPOINT_SAFE_GLOBALS):
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = models.load_checkpoint_file(path, mmap=True)
     except Exception:  # noqa: BLE001  (unreadable or not a zip checkpoint: the log tells how far the run got)
         return None
     epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
@@ -962,7 +960,7 @@ def check_output_dir_unused(args: argparse.Namespace) -> None:
     if args.eval or not args.output_dir:
         return
     output_dir = Path(args.output_dir)
-    held = [name for name in RUN_FILES if (output_dir / name).is_file() and (output_dir / name).stat().st_size]
+    held = [name for name in OUTPUT_FILES if (output_dir / name).is_file() and (output_dir / name).stat().st_size]
     if not held or (args.resume and _same_file(Path(args.resume).parent, output_dir)):
         return
     epochs = _logged_epochs(output_dir / "log.txt")
@@ -1480,7 +1478,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     resolved = argparse.Namespace(**vars(args))  # the flags as given, for args.yaml and checkpoints
     run = setup_run(args, resolved)
     resume_ckpt, finetune_state = read_checkpoints(args)
-    check_start_epoch(args, resume_ckpt)
+    if resume_ckpt is not None:  # without one, validate_args checked --start_epoch
+        check_start_epoch(args, resume_ckpt)
     data = build_data(args)
     built = build_models(args, run.device, data.num_classes, finetune_state)
     optim = build_optimization(args, built.model, run, data.num_classes)

@@ -217,15 +217,16 @@ def _load_error_reason(err: Exception) -> str:
     return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no detail'}"
 
 
-def load_checkpoint_file(path: str | os.PathLike) -> Any:
+def load_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU: how every checkpoint and download is read.
 
-    Besides tensors and plain data it rebuilds only :data:`CHECKPOINT_SAFE_GLOBALS`.
+    Besides tensors and plain data it rebuilds only :data:`CHECKPOINT_SAFE_GLOBALS`; ``mmap``: memory-mapped (a zip
+    checkpoint read for a few fields without loading its tensors).
     """
     with warnings.catch_warnings(), torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         # A plain pickle makes torch warn about its protocol before failing; the failure is reported, not the warning.
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _stream_to_file(response: Any, out: Any, *, timeout: float, digest: Any, progress: bool) -> int:

@@ -514,10 +514,6 @@ class ScalarEventFile:
         self._last_flush = time.monotonic()
         self._file.flush()
 
-    def close(self) -> None:
-        """Flushes and closes the file (closed even when the flush fails)."""
-        self._file.close()
-
     def close_quietly(self) -> None:
         """Closes the file, dropping what cannot be written: after a failed write, which was reported then."""
         with contextlib.suppress(OSError):

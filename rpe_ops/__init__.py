@@ -331,13 +331,11 @@ def _rpe_attention_backward_fake(
 
 
 def _rpe_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    # a library of an older schema (a benchmark's baseline) takes no attn_mask
-    q, k, v, weights, indices, transposed, value_weights, value_indices, scale, *mask = inputs
-    attn_mask = mask[0] if mask else None
+    q, k, v, weights, indices, transposed, value_weights, value_indices, scale, attn_mask = inputs
     out, lse = output
     masks = () if attn_mask is None else (attn_mask,)
     ctx.save_for_backward(q, k, v, lse, *weights, *indices, *value_weights, *value_indices, *masks)
-    ctx.transposed, ctx.num_values, ctx.scale, ctx.num_inputs = transposed, len(value_weights), scale, len(inputs)
+    ctx.transposed, ctx.num_values, ctx.scale = transposed, len(value_weights), scale
     ctx.mark_non_differentiable(lse)
 
 
@@ -354,14 +352,13 @@ def register_attention_autograd(namespace: str = "rpe_ops") -> None:
         n, nv = len(ctx.transposed), ctx.num_values
         weights, indices = rest[:n], rest[n : 2 * n]
         value_weights, value_indices = rest[2 * n : 2 * n + nv], rest[2 * n + nv : 2 * n + 2 * nv]
-        masks = rest[2 * n + 2 * nv :]  # the attn_mask, if any (none: the call of an older schema's library)
+        masks = rest[2 * n + 2 * nv :]  # the attn_mask, if one was given
         dq, dk, dv, *dweights = backward_op(
             grad_out, q, k, v, lse, weights, indices, ctx.transposed, value_weights, value_indices, ctx.scale, *masks
         )
         # pytree reads a non-empty int list as one leaf but an empty list as a list: its "gradient" must match
         no_grad_flags = None if ctx.transposed else []
-        grads = (dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None)
-        return grads + (None,) * (ctx.num_inputs - len(grads))  # the attn_mask (a constant), where the schema has one
+        return dq, dk, dv, dweights[:n], [None] * n, no_grad_flags, dweights[n:], [None] * nv, None, None
 
     torch.library.register_autograd(f"{namespace}::rpe_attention", backward, setup_context=_rpe_attention_setup_context)
 

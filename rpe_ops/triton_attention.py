@@ -36,7 +36,7 @@ from its import on, and the kernels here follow it. Copy this file with ``irpe.p
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -302,23 +302,37 @@ def _launch_config(device: torch.device, head_dim: int) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
+def _stack_ids(indices: tuple[torch.Tensor, ...], offsets: tuple[int, ...], transpose: bool) -> torch.Tensor:
+    """The terms' ``(L, L)`` bucket ids as the kernels read them: int32, each shifted by its term's offset into the
+    concatenated buckets (transposed for terms on queries), stacked ``(U, L, L)``."""
+    ids = [(index.t() if transpose else index).to(torch.int32) + offset for index, offset in zip(indices, offsets)]
+    return torch.stack(ids).contiguous()
+
+
+# The modules' bucket ids are one shared, read-only tensor per grid and config (irpe's ids cache), so their stacked
+# int32 form is made once per process rather than at every step of every layer (and one copy is saved for
+# backward, not one per layer). The cache keeps its keys alive, so a tensor's identity is a safe key.
+_stacked_ids = functools.lru_cache(maxsize=32)(_stack_ids)
+
+
 class _Combined:
     """The terms of one kind (on keys, on queries or on values) as the kernels take them: their bucket ids stacked
     ``(U, L, L)`` int32, each term's offset into the concatenated buckets added, and each term's bucket span."""
 
     def __init__(self, terms: Sequence[FusedTerm], device: torch.device, transpose: bool, values: bool) -> None:
         self.spans: list[tuple[int, int]] = []
-        ids = []
         offset = 0
         for term in terms:
             # q/k: contextual (Hm, d, nb) or bias (Hm, nb); values: (Hm, nb, d)
             nb = term.weight.size(-2) if values else term.weight.size(-1)
-            index = term.index.t() if transpose else term.index
-            ids.append(index.to(torch.int32) + offset)
             self.spans.append((offset, offset + nb))
             offset += nb
         self.num_buckets = offset
-        self.ids = torch.stack(ids).contiguous() if ids else torch.zeros(1, dtype=torch.int32, device=device)
+        if not terms:
+            self.ids = torch.zeros(1, dtype=torch.int32, device=device)
+            return
+        stack = _stack_ids if torch.compiler.is_compiling() else _stacked_ids
+        self.ids = stack(tuple(term.index for term in terms), tuple(a for a, _ in self.spans), transpose)
 
 
 def _tables(terms: Sequence[FusedTerm], x: torch.Tensor, scale: float) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -382,13 +396,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _autocast_off(device_type: str):
-    """Autocast off for ``device_type`` (the kernels manage their dtypes); a no-op where it is off already."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _alert_not_deterministic(caller: str) -> None:
     """What PyTorch does for its own nondeterministic kernels under ``torch.use_deterministic_algorithms(True)``: an
     error, or a warning with ``warn_only=True``. The kernels add with float atomics (the values terms' bucket sums,
@@ -430,7 +437,7 @@ class _TritonRPEAttention(torch.autograd.Function):
             _Combined(query_terms, device, transpose=True, values=False),
             _Combined(value_terms, device, transpose=False, values=True),
         )
-        with _autocast_off(device.type), torch.no_grad():
+        with irpe.autocast_disabled(device.type), torch.no_grad():
             out, lse, sums = _forward(q, k, v, mask, scale, key_terms, query_terms, combined)
             if value_terms:
                 out = out + sum(
@@ -457,7 +464,7 @@ class _TritonRPEAttention(torch.autograd.Function):
         query_terms = [t for t in terms if t.is_query]
         B, H, L, D = q.shape
         f32 = dict(dtype=torch.float32, device=q.device)
-        with _autocast_off(q.device.type), torch.no_grad():
+        with irpe.autocast_disabled(q.device.type), torch.no_grad():
             do = _last_dim_contiguous(grad_out)
             qf, kf = q.float(), k.float()
             tk, tk_strides = _tables(key_terms, qf, scale) if key_terms else (q, (0, 0, 0))
@@ -479,7 +486,7 @@ class _TritonRPEAttention(torch.autograd.Function):
             grid = (triton.cdiv(L, config["BLOCK_N"]), B * H)
             _bwd_kernel[grid](
                 q, k, v, do, dq, dk, dv, lse, delta, tk, ids_k, tq, ids_q, ids_v, gv, sums, dtk, dtq,
-                _mask_arg(mask, q),
+                q if mask is None else mask,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *tk_strides, *tq_strides,
                 H, L, D, nbk, nbq, nbv, scale,
                 NUM_K=len(key_terms), NUM_Q=len(query_terms), NUM_V=nv, HAS_MASK=mask is not None, **config,
@@ -505,11 +512,6 @@ class _TritonRPEAttention(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _mask_arg(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """The key padding mask as the kernels read it (``uint8``, 1 = masked), or any tensor when there is none."""
-    return like if mask is None else mask
-
-
 def _forward(q, k, v, mask, scale, key_terms, query_terms, combined):
     """Runs the forward kernel: the output (float32 when values terms follow, else q's dtype), the base-2 log-sum-exp
     ``(B, H, L)`` and the values terms' bucket sums ``(B, H, L, nbv)`` (``None`` without)."""
@@ -524,7 +526,7 @@ def _forward(q, k, v, mask, scale, key_terms, query_terms, combined):
     config = _launch_config(q.device, D)
     grid = (triton.cdiv(L, config["BLOCK_M"]), B * H)
     _fwd_kernel[grid](
-        q, k, v, out, lse, q if sums is None else sums, tk, ck.ids, tq, cq.ids, cv.ids, _mask_arg(mask, q),
+        q, k, v, out, lse, q if sums is None else sums, tk, ck.ids, tq, cq.ids, cv.ids, q if mask is None else mask,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *tk_strides, *tq_strides,
         H, L, D, cv.num_buckets, scale,
         NUM_K=len(key_terms), NUM_Q=len(query_terms), NUM_V=num_values, HAS_MASK=mask is not None, **config,
