@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass (DeiT's ``engine.py``, device-agnostic).
 
 Both run the same on CPU and CUDA: mixed precision through ``torch.autocast(device_type, dtype)``, loss scaling
-through ``torch.amp.GradScaler`` (only needed for float16), no unconditional CUDA synchronization.
+through timm's ``NativeScaler`` (a ``torch.amp.GradScaler``; float16 only), no unconditional CUDA synchronization.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
-from timm.utils import accuracy
+from timm.utils import NativeScaler, accuracy
 from torch import nn
 
 import utils
@@ -25,13 +24,6 @@ from utils import TrainingError
 StepHook = Callable[[int, dict[str, float]], None]
 
 _logger = logging.getLogger(__name__)
-
-
-def autocast_context(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
-    """``torch.autocast`` on ``device``'s type with ``amp_dtype``, or a no-op context when AMP is off."""
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _all_finite(loss_value: float, device: torch.device) -> bool:
@@ -50,7 +42,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
-    loss_scaler: torch.amp.GradScaler | None,
+    loss_scaler: NativeScaler | None,
     amp_dtype: torch.dtype | None = None,
     max_norm: float | None = None,
     model_ema: Any | None = None,
@@ -68,7 +60,7 @@ def train_one_epoch(
         optimizer: Optimizer; its learning rate is set by the scheduler before the epoch.
         device: Where the batches go.
         epoch: Epoch index (for progress lines).
-        loss_scaler: A ``GradScaler`` for float16 AMP, else None.
+        loss_scaler: timm's ``NativeScaler`` (a ``GradScaler``) for float16 AMP, else None.
         amp_dtype: Autocast dtype, or None for full precision.
         max_norm: Clip the global gradient norm to this value (None or 0: no clipping).
         model_ema: An EMA of the weights (timm ``ModelEmaV2``/``V3``), updated after every step.
@@ -94,7 +86,7 @@ def train_one_epoch(
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with autocast_context(device, amp_dtype):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
         loss_value = loss.item()
@@ -105,13 +97,8 @@ def train_one_epoch(
             )
 
         optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler.scale(loss).backward()
-            if max_norm:
-                loss_scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            loss_scaler.step(optimizer)
-            loss_scaler.update()
+        if loss_scaler is not None:  # float16: scaled backward, unscale, clip, step and update
+            loss_scaler(loss, optimizer, clip_grad=max_norm or None, parameters=model.parameters())
         else:
             loss.backward()
             if max_norm:
@@ -151,7 +138,7 @@ def evaluate(
         print_freq: Progress line every this many steps.
         sync: Sum the metrics over ranks (False when every rank evaluated the whole set).
 
-    Logs DeiT's summary line ``* Acc@1 {top1:.3f} Acc@5 {top5:.3f} loss {loss:.3f}``, which scripts parse.
+    Logs DeiT's summary line ``* Acc@1 {top1:.3f} Acc@5 {top5:.3f} loss {loss:.3f}`` (parsed by scripts) and accuracy.
 
     Returns:
         ``loss``, ``acc1``, ``acc5`` (averages over all evaluated images) and ``num_images``.
@@ -160,25 +147,18 @@ def evaluate(
     metric_logger = utils.MetricLogger(delimiter="  ")
     for name in ("loss", "acc1", "acc5"):  # same meters on every rank, even one with no batch
         metric_logger.add_meter(name, utils.SmoothedValue())
-    header = "Test:"
     model.eval()
-    for images, target in metric_logger.log_every(data_loader, print_freq, header):
+    for images, target in metric_logger.log_every(data_loader, print_freq, "Test:"):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             output = model(images)
         output = output.float()
-        loss = criterion(output, target)
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        batch_size = images.shape[0]
-        metric_logger.update(loss=loss.item(), acc1=acc1.item(), acc5=acc5.item(), n=batch_size)
+        metric_logger.update(loss=criterion(output, target).item(), acc1=acc1.item(), acc5=acc5.item(), n=len(images))
     if sync:
         metric_logger.synchronize_between_processes()
     m = metric_logger.meters
     _logger.info(f"* Acc@1 {m['acc1'].global_avg:.3f} Acc@5 {m['acc5'].global_avg:.3f} loss {m['loss'].global_avg:.3f}")
-    return {
-        "loss": m["loss"].global_avg,
-        "acc1": m["acc1"].global_avg,
-        "acc5": m["acc5"].global_avg,
-        "num_images": float(m["acc1"].count),
-    }
+    _logger.info(f"Accuracy of the network on the {m['acc1'].count} test images: {m['acc1'].global_avg:.1f}%")
+    return {**{name: meter.global_avg for name, meter in m.items()}, "num_images": float(m["acc1"].count)}

@@ -13,60 +13,28 @@ or distillation token) have no grid position and share one extra bucket.
 
 This file is self-contained (torch only) and keeps the public API of the original ``irpe.py`` so that it can be
 copied into other transformers: ``get_rpe_config`` + ``build_rpe`` give the q, k and v modules, each called as
-``module(x, height, width)``. The two lookup primitives, :func:`rpe_index` and its adjoint
-:func:`rpe_bucket_sum`, run on the compiled ``rpe_ops`` extension when it is built and supports the tensor, and on
-an equivalent pure-PyTorch path otherwise. The backend is an argument (``backend='auto'|'torch'|'ops'``); ``None``
-takes the innermost ``with use_backend(name):`` block's, else ``IRPE_BACKEND`` (``auto`` when unset).
-``python -m irpe`` reports which backend serves CPU and CUDA. The memory-efficient attention paths that consume
-these modules (``rpe_attention``) live in ``irpe_attention.py``, which needs only this file.
+``module(x, height, width)``. The two lookups, :func:`rpe_index` and its adjoint :func:`rpe_bucket_sum`, run on the
+compiled ``rpe_ops`` where it is importable and serves the tensor (``rpe_ops.serves``; not inside ``with
+rpe_ops.disabled():``), and on equivalent PyTorch code otherwise; ``python -m irpe`` says which serves CPU and CUDA
+tensors. The memory-efficient attention paths (``rpe_attention``) live in ``irpe_attention.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import enum
 import functools
 import math
 import numbers
-import os
-from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = [
-    "ENV_BACKEND",
-    "FusedTerm",
-    "METHOD",
-    "RPEConfig",
-    "RPEConfigs",
-    "backend_report",
-    "BUILD_HINT",
-    "build_rpe",
-    "compiled_ops",
-    "default_backend",
-    "encode_values",
-    "get_absolute_positions",
-    "get_bucket_ids_2d",
-    "get_bucket_ids_2d_without_skip",
-    "get_num_buckets",
-    "get_rpe_config",
-    "get_single_rpe_config",
-    "iRPE",
-    "iRPE_Cross",
-    "ops_support",
-    "per_row_table",
-    "piecewise_index",
-    "quantize_values",
-    "resolve_backend",
-    "rpe_bucket_sum",
-    "rpe_index",
-    "use_backend",
-]
+try:  # the compiled lookups (optional): without them the PyTorch code of this file serves every tensor
+    import rpe_ops
+except ImportError:
+    rpe_ops = None
 
 
 class METHOD(enum.IntEnum):
@@ -80,42 +48,12 @@ class METHOD(enum.IntEnum):
     CROSS_COLS = 42
 
 
-_METHOD_ALIASES: dict[str, METHOD] = {
-    "euc": METHOD.EUCLIDEAN,
-    "quant": METHOD.QUANT,
-    "cross": METHOD.CROSS,
-    "product": METHOD.PRODUCT,
-}
-_MODE_ALIASES: dict[str | None, str | None] = {
-    None: None,
-    "bias": "bias",
-    "contextual": "contextual",
-    "ctx": "contextual",
-}
+_METHOD_ALIASES = {"euc": METHOD.EUCLIDEAN, "quant": METHOD.QUANT, "cross": METHOD.CROSS, "product": METHOD.PRODUCT}
+_MODE_ALIASES = {None: None, "bias": "bias", "contextual": "contextual", "ctx": "contextual"}
 
 Mode = Literal["bias", "contextual"] | None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Bucket ids: pure functions of the grid and the method's coefficients.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _no_grad(fn):
-    """``torch.no_grad()`` around ``fn``, except while torch.compile/export traces it: bucket ids take no gradient,
-    and a grad-mode switch inside an exported program is a subgraph of its own that ``torch.export.load`` rejects."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return fn(*args, **kwargs)
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_no_grad
 def piecewise_index(
     relative_position: torch.Tensor, alpha: float, beta: float, gamma: float, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -162,12 +100,9 @@ def quantize_values(values: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def get_num_buckets(method: int, alpha: float, beta: float, gamma: float) -> int:
-    """Number of buckets of a method, without the extra bucket of the skip tokens."""
-    del alpha, gamma  # part of the original signature; the count depends on beta alone
-    beta_int = int(beta)
-    if method == METHOD.PRODUCT:
-        return (2 * beta_int + 1) ** 2
-    return 2 * beta_int + 1
+    """Number of buckets of a method, without the extra bucket of the skip tokens (it depends on ``beta`` alone)."""
+    per_axis = 2 * int(beta) + 1
+    return per_axis**2 if method == METHOD.PRODUCT else per_axis
 
 
 def _bucket_ids_of_diff(method: int, diff: torch.Tensor, alpha: float, beta: float, gamma: float, dtype: torch.dtype):
@@ -191,7 +126,6 @@ def _bucket_ids_of_diff(method: int, diff: torch.Tensor, alpha: float, beta: flo
     raise ValueError(f"unknown method id {method!r}; expected one of {[int(m) for m in METHOD]}")
 
 
-@_no_grad
 def get_bucket_ids_2d_without_skip(
     method: int,
     height: int,
@@ -218,7 +152,6 @@ def get_bucket_ids_2d_without_skip(
     return bucket_ids.to(dtype), get_num_buckets(method, alpha, beta, gamma), L
 
 
-@_no_grad
 def get_bucket_ids_2d(
     method: int,
     height: int,
@@ -261,11 +194,6 @@ def _check_grid(height: int, width: int) -> None:
         raise ValueError(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration.
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RPEConfig:
     """Configuration of one relative position encoding (on queries, keys or values).
@@ -293,8 +221,6 @@ class RPEConfig:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of 'bias', 'contextual' ('ctx') or None")
         if self.method not in set(METHOD):
             raise ValueError(f"unknown method {self.method!r}; expected one of {[m.name for m in METHOD]}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
         if not 0 < self.alpha <= self.beta <= self.gamma or self.gamma == self.alpha:
             raise ValueError(
                 f"need 0 < alpha <= beta <= gamma and gamma > alpha, got {self.alpha}, {self.beta}, {self.gamma}"
@@ -313,20 +239,16 @@ class RPEConfigs:
 
 
 def _parse_method(method: int | str) -> METHOD:
-    if isinstance(method, str):
-        key = method.lower()
-        if key in _METHOD_ALIASES:
-            return _METHOD_ALIASES[key]
-        if key.upper() in METHOD.__members__:
-            return METHOD[key.upper()]
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_METHOD_ALIASES)} or a METHOD")
-    try:
+    if isinstance(method, str) and method.lower() in _METHOD_ALIASES:
+        return _METHOD_ALIASES[method.lower()]
+    if isinstance(method, str) and method.upper() in METHOD.__members__:
+        return METHOD[method.upper()]
+    if not isinstance(method, str) and method in set(METHOD):
         return METHOD(method)
-    except ValueError:
-        raise ValueError(
-            f"unknown method {method!r}; expected one of {sorted(_METHOD_ALIASES)} or a METHOD "
-            f"({', '.join(f'{m.name}={m.value}' for m in METHOD)})"
-        ) from None
+    raise ValueError(
+        f"unknown method {method!r}; expected one of {sorted(_METHOD_ALIASES)} or a METHOD "
+        f"({', '.join(f'{m.name}={m.value}' for m in METHOD)})"
+    )
 
 
 def _parse_mode(mode: str | None) -> Mode:
@@ -343,15 +265,8 @@ def get_single_rpe_config(
     shared_head: bool = True,
     skip: int = 0,
 ) -> RPEConfig:
-    """Configuration of one encoding: ``alpha, beta, gamma = ratio, 2 * ratio, 8 * ratio``.
-
-    Args:
-        ratio: scale of the piecewise index function; sets the number of buckets.
-        method: a :class:`METHOD` or one of ``'euc'``, ``'quant'``, ``'cross'``, ``'product'``.
-        mode: ``'bias'``, ``'contextual'`` (or ``'ctx'``) or ``None`` (no encoding).
-        shared_head: share the table across heads.
-        skip: number of leading tokens without a grid position; ``> 0`` adds one bucket.
-    """
+    """Configuration of one encoding, ``alpha, beta, gamma = ratio, 2 * ratio, 8 * ratio``; arguments as
+    :func:`get_rpe_config` (``skip > 0`` adds one bucket)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
         raise ValueError(f"ratio must be a positive number, got {ratio!r}")
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
@@ -409,131 +324,10 @@ def get_rpe_config(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The two lookup primitives and their backends.
-# ----------------------------------------------------------------------------------------------------------------
-
-_BACKENDS = ("auto", "torch", "ops")
-_OPS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-BUILD_HINT = "build it with `make ops` (or `cd rpe_ops && python setup.py build_ext --inplace`)"
-
-
-def _validate_backend(name: str, source: str) -> str:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown iRPE backend {name!r} (from {source}); expected one of {_BACKENDS}")
-    return name
-
-
-def _load_rpe_ops():
-    """Import the compiled extension; returns ``(module or None, reason it is unusable or None)``."""
-    try:
-        import rpe_ops  # noqa: PLC0415  (optional, next to this file or installed)
-    except ImportError as err:
-        return None, f"the rpe_ops package is not importable ({err})"
-    if not getattr(rpe_ops, "is_available", lambda: False)():
-        reason = getattr(rpe_ops, "load_error", lambda: None)() or "the rpe_ops extension is not built"
-        return None, reason
-    return rpe_ops, None
-
-
-_rpe_ops, _rpe_ops_error = _load_rpe_ops()
-
-# The process-wide default, read once: IRPE_BACKEND=auto|torch|ops (unset: auto). A bad value fails the import with
-# the reason (``python -m irpe`` turns it into one error line).
-try:
-    ENV_BACKEND: str = _validate_backend(
-        os.environ.get("IRPE_BACKEND", "auto").strip().lower() or "auto",
-        f"IRPE_BACKEND={os.environ.get('IRPE_BACKEND')!r}",
-    )
-except ValueError as _err:
-    if __name__ != "__main__":
-        raise
-    raise SystemExit(f"error: {_err}") from None  # `python -m irpe`: one line, exit code 1
-# The backend of the innermost ``use_backend`` block of this thread or task; None outside any.
-_backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("irpe_backend", default=None)
-
-
-def compiled_ops():
-    """The compiled ``rpe_ops`` package, or ``None``, and why it is unusable (``None`` when it is usable)."""
-    return _rpe_ops, _rpe_ops_error
-
-
-def default_backend() -> str:
-    """The backend a lookup with ``backend=None`` uses: the innermost :func:`use_backend` block's, else
-    ``IRPE_BACKEND`` (``'auto'`` when unset)."""
-    override = _backend_override.get()
-    return ENV_BACKEND if override is None else override
-
-
-def resolve_backend(backend: str | None) -> str:
-    """``backend`` checked (``'auto'``, ``'torch'`` or ``'ops'``), or :func:`default_backend` for ``None``.
-
-    Raises:
-        ValueError: an unknown name.
-        RuntimeError: ``'ops'`` while the compiled extension is unavailable (with the reason and the build command).
-    """
-    name = default_backend() if backend is None else _validate_backend(backend, "the backend argument")
-    if name == "ops" and _rpe_ops is None:
-        raise RuntimeError(
-            f"IRPE_BACKEND=ops cannot serve: the compiled rpe_ops are unavailable ({_rpe_ops_error}); {BUILD_HINT}"
-        )
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """Run the lookups (and the attention paths of ``irpe_attention``) of a ``with`` block on one backend.
-
-    ``'torch'`` runs no compiled code at all, ``'ops'`` the compiled extension or an error, ``'auto'`` the extension
-    where it supports the tensor. Blocks nest and are local to the thread or task that enters them.
-
-    Raises:
-        ValueError, RuntimeError: as :func:`resolve_backend`.
-    """
-    token = _backend_override.set(resolve_backend(name))
-    try:
-        yield name
-    finally:
-        _backend_override.reset(token)
-
-
-def ops_support(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether the compiled ops can serve a tensor of this device and dtype, and why (not)."""
-    if _rpe_ops is None:
-        return False, _rpe_ops_error or "not built"
-    if dtype not in _OPS_DTYPES:
-        return False, f"dtype {dtype} is not supported by the compiled ops"
-    if device.type == "cpu":
-        return True, "compiled CPU kernels"
-    if device.type == "cuda":
-        if not _rpe_ops.has_cuda_kernels():
-            why = _rpe_ops.build_info().get("cuda_skipped") or "it was built without them"
-            return False, f"rpe_ops has no CUDA kernels: {why}"
-        if not torch.cuda.is_available():
-            return True, "compiled CUDA kernels"
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return _cuda_device_support(index)
-    return False, f"no compiled kernels for device type {device.type!r}"
-
-
-@functools.cache
-def _cuda_device_support(index: int) -> tuple[bool, str]:
-    """Whether the built CUDA kernels run on GPU ``index`` (its compute capability against the built architectures
-    and PTX), once per device and process."""
-    return _rpe_ops.cuda_capability_supported(torch.cuda.get_device_capability(index))
-
-
-def _use_ops(tensor: torch.Tensor, backend: str | None) -> bool:
-    name = resolve_backend(backend)
-    if name == "torch":
-        return False
-    supported, reason = ops_support(tensor.device, tensor.dtype)
-    if name == "ops" and not supported:
-        raise RuntimeError(
-            f"IRPE_BACKEND=ops cannot serve a {tensor.dtype} tensor on {tensor.device}: {reason}; {BUILD_HINT}, "
-            f"or use the 'auto' backend to fall back to PyTorch"
-        )
-    return supported
+def _compiled(tensor: torch.Tensor) -> bool:
+    """Whether the compiled ``rpe_ops`` serve ``tensor``: built and importable, for its device, dtype and GPU, and
+    not inside ``with rpe_ops.disabled():``."""
+    return rpe_ops is not None and rpe_ops.serves(tensor.device, tensor.dtype)[0]
 
 
 def _check_lookup_shapes(name: str, tensor: torch.Tensor, index: torch.Tensor) -> None:
@@ -548,7 +342,7 @@ def _check_lookup_shapes(name: str, tensor: torch.Tensor, index: torch.Tensor) -
         raise ValueError(f"{name}: the index must be int64 or int32, got {index.dtype}")
 
 
-def rpe_index(table: torch.Tensor, index: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+def rpe_index(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Gather per-row bucket values: ``out[b, h, i, j] = table[b, h, i, index[i, j]]``.
 
     Its backward is :func:`rpe_bucket_sum`.
@@ -556,21 +350,18 @@ def rpe_index(table: torch.Tensor, index: torch.Tensor, backend: str | None = No
     Args:
         table: ``(B, H, Lq, num_buckets)``; any strides (an expanded bias table is fine).
         index: ``(Lq, Lk)`` int64 or int32 bucket ids in ``[0, num_buckets)``.
-        backend: ``'auto'``, ``'torch'`` or ``'ops'``; ``None``: :func:`default_backend`.
 
     Returns:
         ``(B, H, Lq, Lk)``, dtype of ``table``.
     """
     _check_lookup_shapes("rpe_index", table, index)
-    if _use_ops(table, backend):
+    if _compiled(table):
         return torch.ops.rpe_ops.rpe_index(table, index)
     B, H, Lq, _ = table.shape
     return torch.gather(table, 3, index.long().expand(B, H, Lq, index.size(1)))
 
 
-def rpe_bucket_sum(
-    values: torch.Tensor, index: torch.Tensor, num_buckets: int, backend: str | None = None
-) -> torch.Tensor:
+def rpe_bucket_sum(values: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """Sum each row's values per bucket: ``out[b, h, i, k] = sum_{j : index[i, j] = k} values[b, h, i, j]``.
 
     The adjoint of :func:`rpe_index` (and its backward). Contextual encodings on values use it to compute
@@ -580,7 +371,6 @@ def rpe_bucket_sum(
         values: ``(B, H, Lq, Lk)``.
         index: ``(Lq, Lk)`` int64 or int32 bucket ids in ``[0, num_buckets)``.
         num_buckets: size of the last output dimension.
-        backend: as :func:`rpe_index`.
 
     Returns:
         ``(B, H, Lq, num_buckets)``, dtype of ``values``.
@@ -588,7 +378,7 @@ def rpe_bucket_sum(
     _check_lookup_shapes("rpe_bucket_sum", values, index)
     if values.size(3) != index.size(1):
         raise ValueError(f"rpe_bucket_sum: values have Lk={values.size(3)} columns but the index has {index.size(1)}")
-    if _use_ops(values, backend):
+    if _compiled(values):
         return torch.ops.rpe_ops.rpe_bucket_sum(values, index, num_buckets)
     B, H, Lq, Lk = values.shape
     # Half types accumulate in float32, as the compiled kernels do: a row sums up to Lk values per bucket.
@@ -597,68 +387,14 @@ def rpe_bucket_sum(
     return out.scatter_add(3, index.long().expand(B, H, Lq, Lk), values.to(acc)).to(values.dtype)
 
 
-def encode_values(
-    probs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, backend: str | None = None
-) -> torch.Tensor:
+def encode_values(probs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """What a contextual encoding on values adds to ``probs @ v``: ``out[b,h,i] = sum_j probs[b,h,i,j] *
     weight[h, index[i, j]]``, computed as ``rpe_bucket_sum(probs) @ weight`` without an ``(L, L, d)`` tensor.
 
-    Args:
-        probs: attention probabilities ``(B, H, Lq, Lk)`` (or a block of their rows, with the index's rows).
-        index: ``(Lq, Lk)`` bucket ids.
-        weight: ``(Hm, nb, d)``, ``Hm`` = 1 (shared by the heads) or ``H``.
-        backend: as :func:`rpe_index`.
-
-    Returns:
-        ``(B, H, Lq, d)``.
+    Shapes: ``probs (B, H, Lq, Lk)`` (or a block of rows, with the index's rows), ``index (Lq, Lk)``, ``weight
+    (Hm, nb, d)`` (``Hm``: 1, shared by the heads, or ``H``) -> ``(B, H, Lq, d)``.
     """
-    return torch.matmul(rpe_bucket_sum(probs, index, weight.size(1), backend), weight.to(probs.dtype))
-
-
-def backend_report(backend: str | None = None) -> str:
-    """A human-readable account of which lookup backend serves CPU and CUDA tensors, and why."""
-    name = default_backend() if backend is None else _validate_backend(backend, "the backend argument")
-    lines = [f"iRPE lookup backend: {name} (set IRPE_BACKEND=auto|torch|ops to change)"]
-    if _rpe_ops is None:
-        lines.append(f"rpe_ops: not available: {_rpe_ops_error}; {BUILD_HINT}")
-    else:
-        info = _rpe_ops.build_info()
-        if info["cuda_kernels"]:
-            archs = ", ".join(info["cuda_archs"]) or "architectures unknown"
-            cuda = f"with CUDA kernels ({archs}{', PTX ' + info['cuda_ptx'] if info['cuda_ptx'] else ''})"
-        else:
-            cuda = f"without CUDA kernels ({info['cuda_skipped'] or 'not built'})"
-        lines.append(f"rpe_ops: built {cuda}, at {os.path.dirname(_rpe_ops.__file__)}")
-        lines.append(f"  CPU attention kernel: the {info['cpu_isa']} variant (ATEN_CPU_CAPABILITY caps it)")
-    for device in ("cpu", "cuda"):
-        if device == "cuda" and not torch.cuda.is_available():
-            note = " (no CUDA device visible here)"
-        else:
-            note = ""
-        supported, reason = ops_support(torch.device(device), torch.float32)
-        if name == "torch":
-            serving = "PyTorch (forced by IRPE_BACKEND=torch)"
-        elif supported:
-            serving = f"rpe_ops ({reason})"
-        elif name == "ops":
-            serving = f"error: IRPE_BACKEND=ops but {reason}"
-        else:
-            serving = f"PyTorch fallback ({reason})"
-        lines.append(f"  {device:4s}: {serving}{note}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Modules.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def autocast_disabled(device_type: str):
-    """Autocast off for ``device_type`` (the fused path manages its dtypes itself); a no-op where autocast does not
-    exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return torch.matmul(rpe_bucket_sum(probs, index, weight.size(1)), weight.to(probs.dtype))
 
 
 class FusedTerm(NamedTuple):
@@ -688,18 +424,13 @@ def per_row_table(weight: torch.Tensor, is_bias: bool, x: torch.Tensor, scale: f
     return torch.matmul(x, weight * scale if scale != 1.0 else weight)  # (B, H, L, d) @ (Hm, d, nb)
 
 
-_CACHE_SIZE = 8  # distinct (grid, skip, device, dtype) keys kept per module: enough for multi-resolution eval
-
-
 @functools.lru_cache(maxsize=16)
 def _shared_bucket_ids(
     method: int, height: int, width: int, skip: int, alpha: float, beta: float, gamma: float, device: torch.device
 ) -> tuple[torch.Tensor, int]:
-    """``get_bucket_ids_2d`` (int64) memoised for the whole process: the encodings of every layer with one config
-    (in the zoo's models those on queries, keys and values too) then hold one ids tensor, not one each, and the
-    fused CPU kernel brings the ids of a call's terms to its int32 form once. The tensor is shared: never write to
-    it. Built outside inference mode, so that a model trained after another was evaluated can save the ids for
-    backward."""
+    """:func:`get_bucket_ids_2d` (int64) memoised for the process: the encodings of every layer with one config (on
+    queries, keys and values too) hold one ids tensor, which the fused kernels then prepare once per call. Built
+    outside inference mode, so that a model trained after it was evaluated can save the ids for backward."""
     with torch.inference_mode(False):
         return get_bucket_ids_2d(method, height, width, skip, alpha, beta, gamma, torch.long, device)
 
@@ -715,10 +446,8 @@ class iRPE(nn.Module):
     * bias mode (``transposed``): ``x`` only gives the length -> ``(1, Hm, L, L)``;
     * values (not ``transposed``): ``x = attn (B, H, L, L)`` -> ``(B, H, L, d)`` to add to ``attn @ v``.
 
-    Bucket ids are cached per module in a small LRU keyed by grid, skip, device and dtype; the cache is not part of
-    the ``state_dict`` and is emptied when the module moves (``.to()``, ``.cuda()``...). Modules with the same method
-    and coefficients share the cached tensors.
-    """
+    Bucket ids are no state of the module (nothing in the ``state_dict``, nothing for ``.to()`` to move): one cache
+    keyed by config, grid and device serves every module (:func:`_shared_bucket_ids`)."""
 
     def __init__(
         self,
@@ -747,7 +476,6 @@ class iRPE(nn.Module):
         self.transposed = transposed
         self.num_buckets = num_buckets
         self.rpe_config = rpe_config
-        self._bucket_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         if mode == "bias":
             self.lookup_table_bias = nn.Parameter(torch.zeros(num_heads, num_buckets))
         elif transposed:
@@ -756,7 +484,12 @@ class iRPE(nn.Module):
             self.lookup_table_weight = nn.Parameter(torch.zeros(num_heads, num_buckets, head_dim))
         if initializer is not None:
             with torch.no_grad():
-                initializer(self.lookup_table_bias if mode == "bias" else self.lookup_table_weight)
+                initializer(self.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The learned table: ``lookup_table_bias`` ``(Hm, nb)`` or ``lookup_table_weight``."""
+        return self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
 
     def extra_repr(self) -> str:
         where = "q/k" if self.transposed else "v"
@@ -766,17 +499,9 @@ class iRPE(nn.Module):
             f"beta={self.rpe_config.beta:g}, gamma={self.rpe_config.gamma:g}"
         )
 
-    def _apply(self, fn, recurse: bool = True):
-        self._bucket_cache.clear()  # cached ids live on the old device: rebuild lazily on the new one
-        return super()._apply(fn, recurse)
-
     def resolve_grid(self, length: int, height: int | None, width: int | None) -> tuple[int, int, int]:
-        """The ``(height, width, skip)`` of a sequence of ``length`` tokens.
-
-        With an explicit grid, ``length - height * width`` must equal the configured ``skip``; without one, the
-        configured ``skip`` leading tokens are followed by a square grid. Anything else is an error rather than a
-        silent guess.
-        """
+        """The ``(height, width, skip)`` of ``length`` tokens: the configured ``skip`` leading tokens, then the given
+        grid or, without one, a square grid. Anything else is an error rather than a silent guess."""
         skip = self.rpe_config.skip
         if height is None and width is None:
             side = math.isqrt(max(length - skip, 0))
@@ -797,68 +522,41 @@ class iRPE(nn.Module):
         return height, width, skip
 
     def get_bucket_ids(self, height: int, width: int, skip: int, device: torch.device) -> torch.Tensor:
-        """Cached bucket ids ``(skip + height * width, skip + height * width)`` (int64) on ``device``, shared with the
-        modules of the same method and coefficients (read-only).
-
-        While tracing (``torch.jit.trace``, ``torch.compile``, ``torch.export``) the ids are computed, not cached: they
-        are part of the traced computation, the same in every trace, and never a traced tensor left in the cache.
-        """
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        key = (height, width, skip, torch.device(device), torch.long)
-        ids = None if tracing else self._bucket_cache.get(key)
-        if ids is None:
-            config = self.rpe_config
-            args = (self.method, height, width, skip, config.alpha, config.beta, config.gamma)
-            if tracing:
-                ids, num_buckets = get_bucket_ids_2d(*args, torch.long, device)
-            else:
-                ids, num_buckets = _shared_bucket_ids(*args, torch.device(device))
-            if num_buckets != self.num_buckets:
-                raise ValueError(
-                    f"the grid gives {num_buckets} buckets but this module has {self.num_buckets}: skip={skip} "
-                    f"does not match the configured skip={config.skip}"
-                )
-            if not tracing:
-                self._bucket_cache[key] = ids
-                if len(self._bucket_cache) > _CACHE_SIZE:
-                    self._bucket_cache.popitem(last=False)
+        """Bucket ids ``(L, L)``, ``L = skip + height * width`` (int64, read-only) on ``device``; while torch.jit.trace,
+        torch.compile or torch.export trace the module, computed in the graph (the grid may be symbolic), not cached."""
+        config = self.rpe_config
+        args = (self.method, height, width, skip, config.alpha, config.beta, config.gamma)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            ids, num_buckets = get_bucket_ids_2d(*args, torch.long, device)
+        else:
+            ids, num_buckets = _shared_bucket_ids(*args, torch.device(device))
+        if num_buckets != self.num_buckets:
+            raise ValueError(
+                f"the grid gives {num_buckets} buckets but this module has {self.num_buckets}: skip={skip} "
+                f"does not match the configured skip={config.skip}"
+            )
         return ids
 
-    def forward(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, backend: str | None = None
-    ) -> torch.Tensor:
-        """Encoding for ``x``; see the class docstring for shapes. ``backend``: of the lookups (:func:`rpe_index`)."""
+    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Encoding for ``x``; see the class docstring for shapes."""
         length = x.size(2)
         height, width, skip = self.resolve_grid(length, height, width)
         if not self.transposed and x.size(3) != length:
             raise ValueError(f"the values encoding takes attention (B, H, L, L), got {tuple(x.shape)}")
         index = self.get_bucket_ids(height, width, skip, x.device)  # (L, L)
-        if self.transposed:
-            return rpe_index(self.lookup_table(x), index, backend)  # (B, H, L, L); bias: (1, Hm, L, L)
-        return encode_values(x, index, self.lookup_table_weight, backend)
+        if self.transposed:  # per-row bucket values (B, H, L, nb) (bias: (1, Hm, L, nb)), looked up
+            return rpe_index(per_row_table(self.weight, self.mode == "bias", x), index)  # (B, H, L, L)
+        return encode_values(x, index, self.weight)
 
     def fused_terms(
         self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
     ) -> list[FusedTerm]:
-        """This encoding for the fused attention paths of ``irpe_attention.rpe_attention``: its weight and bucket ids.
-
-        Args:
-            x: the queries (keys for an encoding on queries) ``(B, H, L, d)``; gives the length and device.
-            height, width: the patch grid.
-            is_query: whether this is the encoding on queries (looked up with the keys, transposed); False for the
-                encoding on values, whose term is ``(Hm, nb, d)``.
-        """
+        """This encoding's weight and bucket ids for the fused paths of ``irpe_attention.rpe_attention``, for ``x``
+        ``(B, H, L, d)`` (the keys for the encoding on queries, ``is_query``; the queries otherwise)."""
         if not self.transposed and is_query:
             raise ValueError("the values encoding is not one on queries: call fused_terms() with is_query=False")
-        height, width, skip = self.resolve_grid(x.size(2), height, width)
-        index = self.get_bucket_ids(height, width, skip, x.device)
-        weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
-        return [FusedTerm(weight, index, self.mode == "bias", is_query)]
-
-    def lookup_table(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row bucket values ``(B, H, L, num_buckets)`` before the lookup (contextual: ``x @ W``)."""
-        weight = self.lookup_table_bias if self.mode == "bias" else self.lookup_table_weight
-        return per_row_table(weight, self.mode == "bias", x)
+        index = self.get_bucket_ids(*self.resolve_grid(x.size(2), height, width), x.device)
+        return [FusedTerm(self.weight, index, self.mode == "bias", is_query)]
 
 
 class iRPE_Cross(nn.Module):
@@ -875,12 +573,9 @@ class iRPE_Cross(nn.Module):
     def num_buckets(self) -> int:
         return self.rp_rows.num_buckets
 
-    def forward(
-        self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, backend: str | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """Sum of the row and the column encodings; shapes as :class:`iRPE`."""
-        rows = self.rp_rows(x, height=height, width=width, backend=backend)
-        return rows + self.rp_cols(x, height=height, width=width, backend=backend)
+        return self.rp_rows(x, height=height, width=width) + self.rp_cols(x, height=height, width=width)
 
     def fused_terms(
         self, x: torch.Tensor, height: int | None = None, width: int | None = None, *, is_query: bool = False
@@ -921,7 +616,5 @@ def build_rpe(config: RPEConfigs | None, head_dim: int, num_heads: int) -> list[
     return [build_one(config.rpe_q, True), build_one(config.rpe_k, True), build_one(config.rpe_v, False)]
 
 
-if __name__ == "__main__":
-    print(backend_report())
-    if ENV_BACKEND == "ops" and _rpe_ops is None:  # forced but unusable: a script checking the set-up must see it fail
-        raise SystemExit(f"error: IRPE_BACKEND=ops but the compiled rpe_ops are unavailable; {BUILD_HINT}")
+if __name__ == "__main__":  # which lookups serve CPU and CUDA tensors, and why
+    print(rpe_ops.report() if rpe_ops is not None else "rpe_ops is not importable: PyTorch serves every lookup")

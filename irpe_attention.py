@@ -5,27 +5,26 @@
 
 * ``'math'``: the paper's explicit formulation through the modules' own ``forward``; keeps the ``(B, H, L, L)``
   probabilities for backward. The reference, and the path of attention dropout.
-* ``'sdpa'``: PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask; encodings on values
-  from probabilities recomputed block by block of query rows; a backward that recomputes instead of keeping anything
-  ``L x L`` (plain PyTorch: its numbers are tested on CPU tensors; CUDA's default).
+* ``'sdpa'``: PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, encodings on values
+  and the backward from probabilities recomputed block by block of query rows: nothing ``L x L`` is kept.
 * ``'flex'``: FlexAttention with a ``score_mod`` (queries and keys only; compiled on CUDA).
 * ``'ops'``: the fused CPU kernel of ``rpe_ops`` (CPU's default where it is built).
-* ``'triton'``: one flash-attention kernel in Triton (``rpe_ops/triton_attention.py``) that gathers the terms from the
-  per-row tables inside its tiles, values terms included; CUDA's default where Triton is importable (CPU tensors only
-  through Triton's interpreter, ``TRITON_INTERPRET=1``, for tests).
+* ``'triton'``: a flash-attention kernel in Triton (``rpe_ops/triton_attention.py``) that gathers the terms inside its
+  tiles, values terms included; CUDA's default where Triton imports (CPU only under ``TRITON_INTERPRET=1``).
 
-The fused paths read each encoding's weight and bucket ids from the modules (``fused_terms``) and its per-row table
-from ``irpe``'s one definition of it; the lookups run on the backend argument's choice (``irpe.use_backend``,
-``IRPE_BACKEND``), and ``'torch'`` runs no compiled code on any path. Copy this file with ``irpe.py``.
+The fused paths take each encoding's weight and bucket ids from the modules (``fused_terms``). Inside ``with
+rpe_ops.disabled():`` no path runs compiled code of ``rpe_ops``. Copy this file with ``irpe.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import flex_attention
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import irpe
@@ -36,22 +35,28 @@ __all__ = ["ATTN_IMPLS", "RPEMultiheadAttention", "resolve_attn_impl", "rpe_atte
 ATTN_IMPLS = ("auto", "math", "sdpa", "flex", "ops", "triton")
 
 
+def autocast_disabled(device_type: str):
+    """Autocast off for ``device_type`` (the fused paths manage their dtypes themselves); a no-op where autocast does
+    not exist (the meta device) or is off already (no autocast region, which torch.export.load would reject)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _term_table(term: FusedTerm, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Per-row bucket values of a term of :func:`rpe_attention` (a query term is looked up with the keys)."""
     return irpe.per_row_table(term.weight, term.is_bias, k if term.is_query else q, scale)
 
 
-def _bias_rows(
-    terms: Sequence[FusedTerm], tables: Sequence[torch.Tensor], i0: int, i1: int, backend: str
-) -> torch.Tensor | None:
+def _bias_rows(terms: Sequence[FusedTerm], tables: Sequence[torch.Tensor], i0: int, i1: int) -> torch.Tensor | None:
     """Rows ``i0:i1`` of the additive logit bias of all terms, ``(b|1, H|1, i1 - i0, Lk)``, from the terms' per-row
     tables (:func:`_term_table`); ``None`` without terms."""
     bias = None
     for term, table in zip(terms, tables):
         if term.is_query:  # looked up with the keys: (b, H, Lk, rows), transposed onto the logits
-            part = rpe_index(table, term.index[:, i0:i1].contiguous(), backend).transpose(2, 3)
+            part = rpe_index(table, term.index[:, i0:i1].contiguous()).transpose(2, 3)
         else:
-            part = rpe_index(table[:, :, i0:i1], term.index[i0:i1], backend)
+            part = rpe_index(table[:, :, i0:i1], term.index[i0:i1])
         bias = part if bias is None else bias + part
     return bias
 
@@ -59,16 +64,12 @@ def _bias_rows(
 # Work tensors of the sdpa path (a batch slice, or a block of its query rows, of the (B, H, L, L) logits) hold about
 # this many bytes: this bounds the memory of the temporaries (and keeps them closer to the caches) while keeping the
 # kernels large.
-_FUSED_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+_FUSED_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}  # other devices: as CUDA
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half types are recomputed in float32 (softmax and its backward are sensitive to rounding)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _chunk_bytes(device: torch.device) -> int:
-    return _FUSED_CHUNK_BYTES.get(device.type, 256 << 20)
 
 
 def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
@@ -78,7 +79,7 @@ def _batch_chunks(q: torch.Tensor) -> list[tuple[int, int]]:
     if torch.compiler.is_compiling():
         return [(0, B)]  # one slice: a loop over a symbolic batch would fix it to the traced size
     per_sample = H * L * L * _work_dtype(q.dtype).itemsize
-    step = max(1, _chunk_bytes(q.device) // max(per_sample, 1))
+    step = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_sample, 1))
     return [(start, min(start + step, B)) for start in range(0, B, step)]
 
 
@@ -86,20 +87,17 @@ def _row_blocks(q: torch.Tensor, batch: int, num_keys: int) -> list[tuple[int, i
     """Blocks ``(i0, i1)`` of query rows whose ``(batch, H, i1 - i0, num_keys)`` work tensors fit the chunk size: all
     rows at once unless a single sample's logits exceed it (large L)."""
     H, L = q.size(1), q.size(2)
-    rows = max(1, _chunk_bytes(q.device) // max(batch * H * num_keys * _work_dtype(q.dtype).itemsize, 1))
+    per_row = batch * H * num_keys * _work_dtype(q.dtype).itemsize
+    rows = max(1, _FUSED_CHUNK_BYTES.get(q.device.type, 256 << 20) // max(per_row, 1))
     return [(start, min(start + rows, L)) for start in range(0, L, rows)]
 
 
 def _table_backward(
     term: FusedTerm, grad_table: torch.Tensor, x: torch.Tensor, scale: float, grad_weight: torch.Tensor
 ) -> torch.Tensor | None:
-    """Back through :func:`_term_table`: adds the weight's gradient to ``grad_weight`` and returns ``x``'s (``None``
-    for a bias term, whose table does not depend on ``x``).
-
-    Args:
-        grad_table: gradient of the term's table, ``(b, H, L, nb)`` (or anything that sums to the bias' shape).
-        x: the tensor the table was looked up with (``k`` for a query term, ``q`` otherwise), ``(b, H, L, d)``.
-    """
+    """Back through :func:`_term_table` from its gradient ``grad_table`` ``(b, H, L, nb)`` (or anything that sums to
+    a bias' shape): adds the weight's gradient to ``grad_weight`` and returns that of ``x`` ``(b, H, L, d)``, the
+    tensor the table was computed from (``None`` for a bias term, whose table does not depend on ``x``)."""
     if term.is_bias:
         Hm, nb = term.weight.shape
         grad_weight += grad_table.sum_to_size(1, Hm, 1, nb).view(Hm, nb)
@@ -110,60 +108,28 @@ def _table_backward(
     return dx
 
 
-def _values_term(value_terms: Sequence[FusedTerm], probs: torch.Tensor, i0: int, i1: int, backend: str) -> torch.Tensor:
-    """What the encodings on values add to rows ``i0:i1`` of the output, ``(b, H, rows, d)``, from those rows of the
-    probabilities ``(b, H, rows, Lk)`` (:func:`irpe.encode_values`, the modules' own formula)."""
-    out = None
-    for term in value_terms:
-        part = irpe.encode_values(probs, term.index[i0:i1], term.weight, backend)
-        out = part if out is None else out.add_(part)
-    return out
-
-
-def _check_mask_dtype(name: str, mask: torch.Tensor) -> None:
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(
-            f"{name} must be bool (True: masked, as nn.MultiheadAttention) or floating point (added to the logits), "
-            f"got {mask.dtype}"
-        )
-
-
 def _additive_mask(
-    key_padding_mask: torch.Tensor | None,
-    attn_mask: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    dtype: torch.dtype | None = None,
+    key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
 ) -> torch.Tensor | None:
-    """The masks of :func:`rpe_attention` as one additive mask ``(B|1, H|1, Lq|1, Lk)`` for the logits, or ``None``.
+    """The masks of :func:`rpe_attention` (shapes there; ``q, k`` give them and the device) as one additive mask
+    ``(B|1, H|1, Lq|1, Lk)`` for the logits, or ``None``.
 
-    Bool masks follow ``nn.MultiheadAttention``: True marks a key a query may not attend to (the opposite of
-    ``F.scaled_dot_product_attention``'s bool ``attn_mask``) and becomes ``-inf``; a float mask is added as it is. A key
-    padding mask alone gives ``(B, 1, 1, Lk)``: nothing ``Lq x Lk`` is allocated for it. The result is a constant
-    (detached): no path gives a float mask a gradient.
-
-    Args:
-        key_padding_mask: ``(B, Lk)``, bool or float, or ``None``.
-        attn_mask: ``(Lq, Lk)``, or 4-D broadcastable to ``(B, H, Lq, Lk)`` (sizes 1 or full), bool or float, or
-            ``None``.
-        q, k: the queries ``(B, H, Lq, d)`` and keys ``(B, H, Lk, d)`` (shapes and device).
-        dtype: of the result; ``None``: that of ``q``.
+    A bool True (a key a query may not attend to) becomes ``-inf``; a float mask is added as it is. A key padding mask
+    alone gives ``(B, 1, 1, Lk)``: nothing ``Lq x Lk`` is allocated for it. The result is a constant (detached), in
+    the dtype the paths compute in (float32 for half types: the sum of two masks then rounds once).
 
     Raises:
         ValueError: a mask of another shape, dtype or device.
     """
     B, H, Lq, Lk = q.size(0), q.size(1), q.size(2), k.size(2)
-    dtype = q.dtype if dtype is None else dtype
     parts = []
     if key_padding_mask is not None:
-        _check_mask_dtype("key_padding_mask", key_padding_mask)
         if key_padding_mask.shape != (B, Lk):
             raise ValueError(
                 f"key_padding_mask must have shape (batch, keys) = ({B}, {Lk}), got {tuple(key_padding_mask.shape)}"
             )
-        parts.append(key_padding_mask.view(B, 1, 1, Lk))
+        parts.append(("key_padding_mask", key_padding_mask.view(B, 1, 1, Lk)))
     if attn_mask is not None:
-        _check_mask_dtype("attn_mask", attn_mask)
         full = (B, H, Lq, Lk)
         if attn_mask.dim() == 2 and attn_mask.shape == (Lq, Lk):
             attn_mask = attn_mask.view(1, 1, Lq, Lk)
@@ -173,28 +139,31 @@ def _additive_mask(
                 f"queries, keys) = {full} (each size 1 or full), got {tuple(attn_mask.shape)}; nn.MultiheadAttention's "
                 "(batch * heads, queries, keys) reshapes to the latter"
             )
-        parts.append(attn_mask.expand(*attn_mask.shape[:3], Lk))
+        parts.append(("attn_mask", attn_mask.expand(*attn_mask.shape[:3], Lk)))
     mask = None
-    for part in parts:
+    for name, part in parts:
+        if part.dtype != torch.bool and not part.is_floating_point():
+            raise ValueError(
+                f"{name} must be bool (True: masked, as nn.MultiheadAttention) or floating point (added to the "
+                f"logits), got {part.dtype}"
+            )
         if part.device != q.device:
             raise ValueError(f"the masks must be on the device of the queries ({q.device}), got {part.device}")
         part = part.detach()
         if part.dtype == torch.bool:
-            part = torch.zeros(part.shape, dtype=dtype, device=q.device).masked_fill_(part, float("-inf"))
+            part = torch.zeros(part.shape, dtype=_work_dtype(q.dtype), device=q.device).masked_fill_(
+                part, float("-inf")
+            )
         else:
-            part = part.to(dtype)
+            part = part.to(_work_dtype(q.dtype))
         mask = part if mask is None else mask + part
     return mask
 
 
-def _mask_rows(mask: torch.Tensor | None, i0: int, i1: int) -> torch.Tensor | None:
-    """Rows ``i0:i1`` of the queries of an additive mask ``(b|1, H|1, Lq|1, Lk)`` (all of a broadcast one)."""
-    return mask if mask is None or mask.size(2) == 1 else mask[:, :, i0:i1]
-
-
-def _batch_rows(mask: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
-    """Samples ``b0:b1`` of an additive mask ``(B|1, ...)`` (all of a broadcast one)."""
-    return mask if mask is None or mask.size(0) == 1 else mask[b0:b1]
+def _mask_slice(mask: torch.Tensor | None, dim: int, start: int, stop: int) -> torch.Tensor | None:
+    """Entries ``start:stop`` of an additive mask ``(B|1, H|1, Lq|1, Lk)`` along ``dim`` (0: samples, 2: query
+    rows); all of it where it broadcasts along ``dim``."""
+    return mask if mask is None or mask.size(dim) == 1 else mask.narrow(dim, start, stop - start)
 
 
 def _masked_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -211,44 +180,27 @@ class _RPEBiasAttention(torch.autograd.Function):
     masked gives zeros (as PyTorch's fused attention), and zero gradients.
 
     The forward runs PyTorch's fused ``scaled_dot_product_attention`` with the bias as a constant mask, batch slice
-    by batch slice, for ``P @ v``. With encodings on values it then recomputes ``P`` block by block of query rows
-    (softmax of complete rows, so each block is exact on its own) and adds its bucket sums times ``W_u``. Nothing
-    beyond ``q, k, v`` and the output is kept for backward: the backward recomputes the tables (``q @ W``, small),
-    the bias and the probabilities block by block (as flash attention does), and gives the encodings' gradients
-    through bucket sums of the logits' gradient (q/k terms) and of the probabilities (values terms). No
-    ``(B, H, L, L)`` tensor lives from forward to backward, and the temporaries of either pass are bounded by the
-    block size (``_FUSED_CHUNK_BYTES``; the forward's mask holds one batch slice).
-
-    This is plain PyTorch: its numbers are tested on CPU tensors, and on CUDA it serves ``impl='auto'``.
+    by batch slice, for ``P @ v``; with encodings on values it recomputes ``P`` block by block of query rows (complete
+    rows: each block is exact) and adds its bucket sums times ``W_u``. Only ``q, k, v`` and the output are kept for
+    backward, which recomputes the tables (``q @ W``, small), the bias and the probabilities block by block (as flash
+    attention does) and gives the encodings' gradients through bucket sums of the logits' gradient (q/k terms) and of
+    the probabilities (values terms). The temporaries of either pass are bounded by ``_FUSED_CHUNK_BYTES``.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        scale: float,
-        kinds: tuple[tuple[bool, bool], ...],
-        num_values: int,
-        backend: str,
-        mask: torch.Tensor | None,
-        *tensors,
-    ):
-        n = len(kinds)
-        weights, indices = tensors[:n], tensors[n : 2 * n]
-        value_weights, value_indices = tensors[2 * n : 2 * n + num_values], tensors[2 * n + num_values :]
+    def forward(ctx, q, k, v, scale: float, kinds: tuple, num_values: int, mask: torch.Tensor | None, *tensors):
+        """``kinds``: ``(is_bias, is_query)`` of each term on queries and keys; ``tensors``: the weight and the ids
+        of each of these terms, then of each of the ``num_values`` terms on values."""
         work = _work_dtype(q.dtype)
-        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(weights, indices, kinds)]
-        value_terms = [FusedTerm(w.to(work), i, False, False) for w, i in zip(value_weights, value_indices)]
+        terms, value_terms = _RPEBiasAttention.terms(kinds, num_values, tensors, work)
         outs = []
-        with irpe.autocast_disabled(q.device.type), torch.no_grad():
+        with autocast_disabled(q.device.type), torch.no_grad():
             for b0, b1 in _batch_chunks(q):
                 qc, kc = q[b0:b1], k[b0:b1]
                 qw, kw = qc.to(work), kc.to(work)
                 tables = [_term_table(term, qw, kw, scale) for term in terms]
-                bias = _bias_rows(terms, tables, 0, q.size(2), backend)  # (b|1, H|1, L, L)
-                mc = _batch_rows(mask, b0, b1)  # (b|1, H|1, L|1, L)
+                bias = _bias_rows(terms, tables, 0, q.size(2))  # (b|1, H|1, L, L)
+                mc = _mask_slice(mask, 0, b0, b1)  # (b|1, H|1, L|1, L)
                 if mc is not None:
                     bias = mc if bias is None else bias + mc
                 sdpa_mask = None if bias is None else bias.to(q.dtype)
@@ -260,35 +212,40 @@ class _RPEBiasAttention(torch.autograd.Function):
                     for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
                         logits = torch.matmul(qw[:, :, i0:i1], kw.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
                         if bias is not None:
-                            logits += _mask_rows(bias, i0, i1)
+                            logits += _mask_slice(bias, 2, i0, i1)
                         probs = torch.softmax(logits, dim=-1) if mask is None else _masked_softmax(logits)
-                        out[:, :, i0:i1] += _values_term(value_terms, probs, i0, i1, backend)
+                        for term in value_terms:  # the modules' own formula, on these rows of the probabilities
+                            out[:, :, i0:i1] += irpe.encode_values(probs, term.index[i0:i1], term.weight)
                     out = out.to(q.dtype)
                 outs.append(out)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         ctx.save_for_backward(q, k, v, out, mask, *tensors)
-        ctx.scale, ctx.kinds, ctx.num_values, ctx.backend = scale, kinds, num_values, backend
+        ctx.scale, ctx.kinds, ctx.num_values = scale, kinds, num_values
+        ctx.disabled = irpe.rpe_ops is not None and irpe.rpe_ops.is_disabled()  # the backward runs as this forward
         return out
+
+    @staticmethod
+    def terms(kinds: tuple, num_values: int, tensors, work: torch.dtype) -> tuple[list[FusedTerm], list[FusedTerm]]:
+        """The terms on queries and keys and those on values from :meth:`forward`'s arguments, weights in ``work``."""
+        all_kinds = (*kinds, *[(False, False)] * num_values)
+        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(tensors[0::2], tensors[1::2], all_kinds)]
+        return terms[: len(kinds)], terms[len(kinds) :]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, mask, *saved = ctx.saved_tensors
-        n, nv = len(ctx.kinds), ctx.num_values
-        work = _work_dtype(q.dtype)
-        terms = [FusedTerm(w.to(work), i, *kind) for w, i, kind in zip(saved[:n], saved[n : 2 * n], ctx.kinds)]
-        value_terms = [
-            FusedTerm(w.to(work), i, False, False) for w, i in zip(saved[2 * n : 2 * n + nv], saved[2 * n + nv :])
-        ]
-        scale, backend = ctx.scale, ctx.backend
+        work, scale = _work_dtype(q.dtype), ctx.scale
+        terms, value_terms = _RPEBiasAttention.terms(ctx.kinds, ctx.num_values, saved, work)
         grads_qkv = []
         grad_weights = [torch.zeros_like(term.weight) for term in terms]
         grad_value_weights = [torch.zeros_like(term.weight) for term in value_terms]
-        with irpe.autocast_disabled(q.device.type):
+        disabled = irpe.rpe_ops.disabled() if ctx.disabled else contextlib.nullcontext()
+        with autocast_disabled(q.device.type), disabled:
             for b0, b1 in _batch_chunks(q):
                 qc, kc, vc = (t[b0:b1].to(work) for t in (q, k, v))
                 oc, gc = out[b0:b1].to(work), grad_out[b0:b1].to(work)
-                mc = _batch_rows(mask, b0, b1)
+                mc = _mask_slice(mask, 0, b0, b1)
                 tables = [_term_table(term, qc, kc, scale) for term in terms]  # (b|1, H|Hm, L, nb), small
                 dq = torch.empty_like(qc)
                 dk, dv = torch.zeros_like(kc), torch.zeros_like(vc)
@@ -296,11 +253,11 @@ class _RPEBiasAttention(torch.autograd.Function):
                 for i0, i1 in _row_blocks(q, b1 - b0, k.size(2)):
                     qb, gb = qc[:, :, i0:i1], gc[:, :, i0:i1]
                     logits = torch.matmul(qb, kc.transpose(-2, -1)).mul_(scale)  # (b, H, rows, L)
-                    bias = _bias_rows(terms, tables, i0, i1, backend)
+                    bias = _bias_rows(terms, tables, i0, i1)
                     if bias is not None:
                         logits += bias
                     if mc is not None:
-                        logits += _mask_rows(mc, i0, i1)
+                        logits += _mask_slice(mc, 2, i0, i1)
                     probs = torch.softmax(logits, dim=-1) if mc is None else _masked_softmax(logits)
                     del logits, bias
                     # rowsum(P * dP) = dO . O, O including the values terms (their dP is dO . W_u[bucket])
@@ -308,8 +265,8 @@ class _RPEBiasAttention(torch.autograd.Function):
                     grad_probs = torch.matmul(gb, vc.transpose(-2, -1))  # (b, H, rows, L)
                     for term, grad_weight in zip(value_terms, grad_value_weights):
                         index = term.index[i0:i1]
-                        grad_probs += rpe_index(torch.matmul(gb, term.weight.transpose(-2, -1)), index, backend)
-                        sums = rpe_bucket_sum(probs, index, term.weight.size(1), backend)  # (b, H, rows, nb)
+                        grad_probs += rpe_index(torch.matmul(gb, term.weight.transpose(-2, -1)), index)
+                        sums = rpe_bucket_sum(probs, index, term.weight.size(1))  # (b, H, rows, nb)
                         grad_weight += torch.matmul(sums.transpose(-2, -1), gb).sum(0).sum_to_size(grad_weight.shape)
                     grad_logits = grad_probs.sub_(delta).mul_(probs)  # (b, H, rows, L)
                     dv += torch.matmul(probs.transpose(-2, -1), gb)
@@ -318,21 +275,14 @@ class _RPEBiasAttention(torch.autograd.Function):
                     dk += torch.matmul(grad_logits.transpose(-2, -1), qb).mul_(scale)
                     for t, (term, grad_weight) in enumerate(zip(terms, grad_weights)):
                         nb = term.weight.size(-1)
-                        if term.is_query:  # the table's rows are the keys: its gradient sums over the row blocks
-                            g = grad_logits.transpose(2, 3)
-                            if term.is_bias:
-                                g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
-                            index = term.index[:, i0:i1].contiguous()
-                            grad_table = rpe_bucket_sum(g, index, nb, backend)  # (b|1, H|Hm, L, nb)
-                            if t in query_grad_tables:
-                                query_grad_tables[t] += grad_table
-                            else:
-                                query_grad_tables[t] = grad_table
-                            continue
-                        g = grad_logits
+                        g = grad_logits.transpose(2, 3) if term.is_query else grad_logits
                         if term.is_bias:  # the table is the bias row repeated over batch (and heads when shared)
                             g = g.sum_to_size(1, term.weight.size(0), *g.shape[2:])
-                        grad_table = rpe_bucket_sum(g, term.index[i0:i1], nb, backend)  # (b|1, H|Hm, rows, nb)
+                        if term.is_query:  # the table's rows are the keys: its gradient sums over the row blocks
+                            grad_table = rpe_bucket_sum(g, term.index[:, i0:i1].contiguous(), nb)  # (b|1, H|Hm, L, nb)
+                            query_grad_tables[t] = query_grad_tables.get(t, 0) + grad_table
+                            continue
+                        grad_table = rpe_bucket_sum(g, term.index[i0:i1], nb)  # (b|1, H|Hm, rows, nb)
                         dx = _table_backward(term, grad_table, qb, scale, grad_weight)
                         if dx is not None:
                             dq[:, :, i0:i1] += dx
@@ -342,40 +292,18 @@ class _RPEBiasAttention(torch.autograd.Function):
                         dk += dx
                 grads_qkv.append((dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)))
         grad_q, grad_k, grad_v = grads_qkv[0] if len(grads_qkv) == 1 else (torch.cat(g) for g in zip(*grads_qkv))
-        grad_weights = [g.to(w.dtype) for g, w in zip(grad_weights, saved[:n])]
-        grad_value_weights = [g.to(w.dtype) for g, w in zip(grad_value_weights, saved[2 * n : 2 * n + nv])]
-        no_index_grads = [None] * n, [None] * nv
-        non_tensors = (None, None, None, None, None)  # scale, kinds, num_values, backend, mask (a constant)
-        return (
-            grad_q,
-            grad_k,
-            grad_v,
-            *non_tensors,
-            *grad_weights,
-            *no_index_grads[0],
-            *grad_value_weights,
-            *no_index_grads[1],
-        )
-
-
-def _flex_attention_fn(device: torch.device):
-    """FlexAttention: compiled on CUDA (it is only fast compiled), eager elsewhere."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
-    except ImportError as err:  # pragma: no cover - torch < 2.5
-        raise ValueError(f"attn_impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5): {err}") from None
-    return _compiled_flex_attention(flex_attention) if device.type == "cuda" else flex_attention
+        grad_tensors = [None] * len(saved)  # the weights' gradients; the ids have none
+        grad_tensors[0::2] = [g.to(w.dtype) for g, w in zip(grad_weights + grad_value_weights, saved[0::2])]
+        return grad_q, grad_k, grad_v, None, None, None, None, *grad_tensors  # scale, kinds, num_values, mask: none
 
 
 @functools.cache
-def _compiled_flex_attention(flex_attention):
-    """``torch.compile(flex_attention)``, once per process."""
-    return torch.compile(flex_attention, dynamic=False)
+def _flex_attention(device_type: str):
+    """FlexAttention: compiled on CUDA (it is only fast compiled; once per process), eager elsewhere."""
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
-def _flex_rpe_attention(
-    q, k, v, scale: float, terms: Sequence[FusedTerm], mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def _flex_rpe_attention(q, k, v, scale: float, terms: Sequence[FusedTerm], mask: torch.Tensor | None) -> torch.Tensor:
     """FlexAttention whose ``score_mod`` adds ``table[b, h, i, index[i, j]]`` (and ``mask[b, h, i, j]``, an additive
     mask ``(B|1, H|1, L|1, L)``): no ``L x L`` bias ever exists. A row whose keys are all masked gives zeros."""
     tables = [_term_table(term, q, k, scale) for term in terms]  # (B|1, H|1, L, nb), differentiable
@@ -393,26 +321,26 @@ def _flex_rpe_attention(
             score = score + pick(mask, b, h)[q_idx if mask.size(2) > 1 else 0, kv_idx]
         return score
 
-    return _flex_attention_fn(q.device)(q, k, v, score_mod=score_mod, scale=scale)
+    return _flex_attention(q.device.type)(q, k, v, score_mod=score_mod, scale=scale)
 
 
-def _ops_attention_usable(device: torch.device | None) -> tuple[bool, str]:
-    """Whether the fused CPU kernel of ``rpe_ops`` can run attention on ``device``, and why not."""
-    if device is not None and device.type != "cpu":
+def _compiled_usable(impl: str, device: torch.device | None) -> tuple[bool, str]:
+    """Whether a compiled path of ``rpe_ops``, ``'ops'`` (the fused CPU kernel) or ``'triton'``, can run attention on
+    ``device`` (``None``: on some device it serves), and why not."""
+    ops = irpe.rpe_ops
+    if impl == "ops" and device is not None and device.type != "cpu":
         return False, f"it is a CPU kernel and the tensors are on {device}"
-    ops, error = irpe.compiled_ops()
-    if ops is None:
-        return False, f"the compiled rpe_ops are unavailable ({error}); {irpe.BUILD_HINT}"
+    if ops is None or ops.is_disabled():
+        return False, "inside rpe_ops.disabled()" if ops is not None else "the rpe_ops package is not importable"
+    if impl == "triton":
+        from rpe_ops import triton_attention  # noqa: PLC0415  (on first use: it imports Triton, which takes a moment)
+
+        return triton_attention.triton_available() if device is None else triton_attention.triton_usable(device)
+    if not ops.is_available():
+        return False, ops.load_error()
     if not ops.has_attention_kernel():
-        return False, f"the loaded rpe_ops predate the current attention kernel; rebuild them: {irpe.BUILD_HINT}"
+        return False, f"the loaded rpe_ops predate the current attention kernel; rebuild them: {ops.BUILD_COMMAND}"
     return True, ""
-
-
-def _triton_attention():
-    """``rpe_ops.triton_attention``, imported on first use (it imports Triton, which takes a moment)."""
-    from rpe_ops import triton_attention  # noqa: PLC0415
-
-    return triton_attention
 
 
 def _check_impl(impl: str) -> None:
@@ -420,38 +348,32 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTN_IMPLS}")
 
 
-def resolve_attn_impl(
-    impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None, backend: str | None = None
-) -> str:
+def resolve_attn_impl(impl: str, has_rpe_v: bool, dropout_p: float, device: torch.device | None = None) -> str:
     """The path :func:`rpe_attention` takes: ``'math'``, ``'sdpa'``, ``'flex'``, ``'ops'`` or ``'triton'``.
 
-    ``'auto'`` takes the fastest exact path: on CPU the fused ``rpe_ops`` kernel (``'ops'``) when it is built, on CUDA
-    the Triton kernel (``'triton'``) when Triton is importable (:func:`rpe_attention` runs float64 on ``'sdpa'``
-    instead: the kernel computes in float32), ``'sdpa'`` elsewhere and under the ``'torch'`` backend (no compiled code
-    of this project); all three serve encodings on values without keeping the probabilities. With attention dropout,
-    which needs its mask in backward, ``'auto'`` takes the paper's explicit formulation (``'math'``). An explicit path
-    runs as asked or raises.
+    ``'auto'`` takes the fastest exact path: ``'ops'`` on CPU where it is built, ``'triton'`` on CUDA where Triton
+    imports (:func:`rpe_attention` runs float64 and masks other than a bool key padding one on ``'sdpa'`` instead),
+    ``'sdpa'`` elsewhere and inside ``rpe_ops.disabled()``; with attention dropout, whose mask backward needs, the
+    explicit ``'math'``. An explicit path runs as asked or raises.
 
     Args:
         impl: one of :data:`ATTN_IMPLS`.
         has_rpe_v: whether there is an encoding on values.
         dropout_p: attention dropout probability of this call.
         device: the tensors' device (``None``: unknown, never the CPU kernel).
-        backend: ``'auto'``, ``'torch'`` or ``'ops'``; ``None``: ``irpe.default_backend()``.
 
     Raises:
         ValueError: an unknown ``impl``, or an explicit one that cannot run here (with the reason and what can).
     """
     _check_impl(impl)
-    backend = irpe.resolve_backend(backend)
     if impl == "auto":
         if dropout_p > 0:
             return "math"
-        if device is None or backend == "torch":
+        if device is None:
             return "sdpa"
-        if device.type == "cuda" and _triton_attention().triton_available()[0]:
+        if device.type == "cuda" and _compiled_usable("triton", None)[0]:
             return "triton"
-        return "ops" if _ops_attention_usable(device)[0] else "sdpa"
+        return "ops" if _compiled_usable("ops", device)[0] else "sdpa"
     if impl == "math":
         return "math"
     if dropout_p > 0:
@@ -459,25 +381,10 @@ def resolve_attn_impl(
             f"attn_impl={impl!r} cannot apply attention dropout (dropout_p={dropout_p:g}): its mask is needed in "
             "backward; use attn_impl='auto' or 'math', or no attention dropout"
         )
-    if impl == "ops":
-        if backend == "torch":
-            raise ValueError(
-                "attn_impl='ops' is the compiled kernel of rpe_ops, but the iRPE backend is 'torch' (IRPE_BACKEND or "
-                "irpe.use_backend): use attn_impl='auto' or 'sdpa'"
-            )
-        usable, why = _ops_attention_usable(device)
+    if impl in ("ops", "triton"):
+        usable, why = _compiled_usable(impl, device)
         if not usable:
-            raise ValueError(f"attn_impl='ops' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
-    if impl == "triton":
-        if backend == "torch":
-            raise ValueError(
-                "attn_impl='triton' is a compiled kernel, but the iRPE backend is 'torch' (IRPE_BACKEND or "
-                "irpe.use_backend): use attn_impl='auto' or 'sdpa'"
-            )
-        triton_attention = _triton_attention()
-        usable, why = triton_attention.triton_available() if device is None else triton_attention.triton_usable(device)
-        if not usable:
-            raise ValueError(f"attn_impl='triton' cannot run: {why}; use attn_impl='auto' or 'sdpa'")
+            raise ValueError(f"attn_impl={impl!r} cannot run: {why}; use attn_impl='auto' or 'sdpa'")
     if impl == "flex" and has_rpe_v:
         raise ValueError(
             "attn_impl='flex' cannot encode values (FlexAttention cannot give the probabilities' bucket sums): "
@@ -487,36 +394,21 @@ def resolve_attn_impl(
 
 
 def _ops_rpe_attention(
-    q,
-    k,
-    v,
-    scale: float,
-    terms: Sequence[FusedTerm],
-    value_terms: Sequence[FusedTerm] = (),
-    mask: torch.Tensor | None = None,
+    q, k, v, scale: float, terms: Sequence[FusedTerm], value_terms: Sequence[FusedTerm], mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """The fused CPU kernel of ``rpe_ops``: it takes the encodings' weights (values' included) and computes their
-    tables itself, one ``(b, h)`` at a time, so nothing beyond ``q, k, v``, the output and the rows' ``(B, H, L)``
-    log-sum-exps is kept for backward, and no ``(B, H, L, nb)`` table is allocated either. Half types run in float32
-    (as PyTorch's CPU attention accumulates); autograd goes through the op's registered backward. ``mask``: an
-    additive mask ``(B|1, H|1, L|1, L)`` the kernel adds to each row of logits (a row whose keys are all masked gives
-    zeros)."""
-    dtype = q.dtype
-    work = _work_dtype(dtype)
-    with irpe.autocast_disabled(q.device.type):
-        out, _ = irpe.compiled_ops()[0].rpe_attention(
-            q.to(work),
-            k.to(work),
-            v.to(work),
-            [term.weight.to(work) for term in terms],
-            [term.index for term in terms],
-            [term.is_query for term in terms],
-            scale,
-            [term.weight.to(work) for term in value_terms],
-            [term.index for term in value_terms],
-            attn_mask=None if mask is None else mask.to(work),
+    """The fused CPU kernel of ``rpe_ops`` (``rpe_ops.rpe_attention``): it computes the terms' tables itself from
+    their weights, and keeps only the rows' log-sum-exps for backward. Half types run in float32 (as PyTorch's CPU
+    attention accumulates). ``mask``: additive ``(B|1, H|1, L|1, L)``, or ``None``."""
+    work = _work_dtype(q.dtype)
+    weights, ids = [t.weight.to(work) for t in terms], [t.index for t in terms]
+    value_weights, value_ids = [t.weight.to(work) for t in value_terms], [t.index for t in value_terms]
+    query_flags = [t.is_query for t in terms]
+    mask = None if mask is None else mask.to(work)
+    with autocast_disabled(q.device.type):
+        out, _ = irpe.rpe_ops.rpe_attention(
+            q.to(work), k.to(work), v.to(work), weights, ids, query_flags, scale, value_weights, value_ids, mask
         )
-    return out.to(dtype)
+    return out.to(q.dtype)
 
 
 def rpe_attention(
@@ -532,7 +424,6 @@ def rpe_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     impl: str = "auto",
-    backend: str | None = None,
     key_padding_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -543,26 +434,19 @@ def rpe_attention(
     :func:`resolve_attn_impl` for which one runs.
 
     Masks follow ``nn.MultiheadAttention``: a bool True marks a key that a query may not attend to (the opposite of
-    ``F.scaled_dot_product_attention``'s bool ``attn_mask``), a float mask is added to the logits; both masks are
-    constants (no gradient). A masked key gets probability exactly zero and adds nothing to the encodings on values. A
-    query whose keys are all masked gets zero probabilities and a zero output row (and zero gradients), on every path:
-    what ``nn.MultiheadAttention`` gives through PyTorch's fused attention (``need_weights=False`` while training),
-    where its ``need_weights=True`` path and its inference fast path give NaN instead.
+    ``F.scaled_dot_product_attention``'s bool ``attn_mask``), a float mask is added to the logits; both are constants
+    (no gradient). A masked key gets probability exactly zero and adds nothing to the encodings on values. A query
+    whose keys are all masked gets a zero output row and zero gradients on every path (``nn.MultiheadAttention``'s
+    fused attention gives the same; its ``need_weights=True`` path and inference fast path give NaN).
 
     Args:
-        q, k, v: ``(B, H, L, head_dim)``, not scaled (``k, v``: ``(B, H, Lk, head_dim)``; ``Lk != L`` only without
-            encodings).
+        q, k, v: ``(B, H, L, head_dim)``, not scaled (``Lk != L`` keys and values only without encodings).
         rpe_q, rpe_k, rpe_v: the modules from :func:`irpe.build_rpe` (``None`` where unused).
         height, width: the patch grid; ``L - height * width`` leading tokens are the configured skip tokens.
         scale: logit scale, ``head_dim ** -0.5`` by default.
         dropout_p: attention dropout probability (pass 0 in eval mode).
-        impl: ``'auto'``, ``'math'`` (explicit probabilities), ``'sdpa'`` (fused forward, recomputing backward;
-            values terms from probabilities recomputed block by block), ``'flex'`` (FlexAttention with a
-            ``score_mod``; compiled on CUDA; no encoding on values), ``'ops'`` (the fused CPU kernel of ``rpe_ops``,
-            values terms included) or ``'triton'`` (the Triton kernel, values terms included; float16, bfloat16 and
-            float32 on CUDA, or on CPU under ``TRITON_INTERPRET=1``).
-        backend: the lookups' backend on every path (``'torch'``: no compiled code); ``None``:
-            ``irpe.default_backend()``.
+        impl: one of :data:`ATTN_IMPLS` (the paths of this module's docstring; ``'triton'``: float16, bfloat16 and
+            float32, a bool ``key_padding_mask`` only).
         key_padding_mask: ``(B, Lk)``, bool (True: a padding key) or float (added to every query's logits).
         attn_mask: ``(L, Lk)``, or 4-D broadcastable to ``(B, H, L, Lk)`` (each size 1 or full), bool or float.
 
@@ -570,28 +454,19 @@ def rpe_attention(
         ``(B, H, L, head_dim)``.
     """
     scale = q.size(-1) ** -0.5 if scale is None else scale
-    # (B|1, H|1, L|1, Lk), in the dtype the paths compute in (float32 for half types: the sum of two masks then
-    # rounds once)
-    mask = _additive_mask(key_padding_mask, attn_mask, q, k, _work_dtype(q.dtype))
+    mask = _additive_mask(key_padding_mask, attn_mask, q, k)  # (B|1, H|1, L|1, Lk)
     if rpe_q is None and rpe_k is None and rpe_v is None and impl != "math":  # plain attention, dropout included
         _check_impl(impl)
-        sdpa_mask = None if mask is None else mask.to(q.dtype)
-        return nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale
-        )
-    if q.size(2) != k.size(2):
-        raise ValueError(
-            f"iRPE encodes positions within one grid: queries and keys must have one length, got {q.size(2)} and "
-            f"{k.size(2)} (attention between sequences of different lengths takes no iRPE modules)"
-        )
-    backend = irpe.resolve_backend(backend)
-    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device, backend)
+        mask = None if mask is None else mask.to(q.dtype)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    _check_one_length(q, k)
+    path = resolve_attn_impl(impl, rpe_v is not None, dropout_p, q.device)
     # the Triton kernel computes in float32 and takes a bool key padding mask only: 'auto' runs 'sdpa' otherwise
     triton_mask = attn_mask is None and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
     if path == "triton" and impl == "auto" and (q.dtype == torch.float64 or not triton_mask):
         path = "sdpa"
     if path == "math":
-        return _math_rpe_attention(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend, mask)
+        return _math_rpe_attention(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, mask)[0]
     terms = rpe_k.fused_terms(q, height, width) if rpe_k is not None else []
     if rpe_q is not None:
         terms += rpe_q.fused_terms(k, height, width, is_query=True)
@@ -611,35 +486,35 @@ def rpe_attention(
                 "attn_impl='triton' takes a bool key_padding_mask only (no attn_mask, no float mask): use "
                 "attn_impl='auto' or 'sdpa'"
             )
-        return _triton_attention().triton_rpe_attention(
-            q, k, v, scale, terms, value_terms, key_padding_mask=key_padding_mask
-        )
+        from rpe_ops.triton_attention import triton_rpe_attention  # noqa: PLC0415
+
+        return triton_rpe_attention(q, k, v, scale, terms, value_terms, key_padding_mask=key_padding_mask)
     kinds = tuple((term.is_bias, term.is_query) for term in terms)
-    weights, indices = [term.weight for term in terms], [term.index for term in terms]
-    value_weights, value_indices = [term.weight for term in value_terms], [term.index for term in value_terms]
-    return _RPEBiasAttention.apply(
-        q, k, v, scale, kinds, len(value_terms), backend, mask, *weights, *indices, *value_weights, *value_indices
-    )
+    tensors = [t for term in (*terms, *value_terms) for t in (term.weight, term.index)]
+    return _RPEBiasAttention.apply(q, k, v, scale, kinds, len(value_terms), mask, *tensors)
+
+
+def _check_one_length(q: torch.Tensor, k: torch.Tensor) -> None:
+    """iRPE encodes positions within one grid: queries ``(B, H, L, d)`` and keys of another length are an error."""
+    if q.size(2) != k.size(2):
+        raise ValueError(
+            f"iRPE encodes positions within one grid: queries and keys must have one length, got {q.size(2)} and "
+            f"{k.size(2)} (attention between sequences of different lengths takes no iRPE modules)"
+        )
 
 
 def _math_rpe_attention(
-    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, backend: str, mask=None
-) -> torch.Tensor:
-    """The paper's explicit formulation, through the modules' own ``forward``: keeps the probabilities."""
-    return _math_rpe_attention_weights(q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale, dropout_p, backend, mask)[0]
-
-
-def _math_rpe_attention_weights(
-    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, backend: str, mask=None
+    q, k, v, rpe_q, rpe_k, rpe_v, height, width, scale: float, dropout_p: float, mask=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_math_rpe_attention`'s output ``(B, H, L, d)`` and its attention probabilities ``(B, H, L, Lk)`` (after
-    dropout, as ``nn.MultiheadAttention`` returns them). ``mask``: additive ``(B|1, H|1, L|1, Lk)``, or ``None``."""
+    """The paper's explicit formulation, through the modules' own ``forward``: the output ``(B, H, L, d)`` and the
+    attention probabilities ``(B, H, L, Lk)`` it keeps for backward (after dropout, as ``nn.MultiheadAttention``
+    returns them). ``mask``: additive ``(B|1, H|1, L|1, Lk)``, or ``None``."""
     q = q * scale
     attn = torch.matmul(q, k.transpose(-2, -1))  # (B, H, L, Lk)
     if rpe_k is not None:
-        attn = attn + rpe_k(q, height, width, backend=backend)
+        attn = attn + rpe_k(q, height, width)
     if rpe_q is not None:
-        attn = attn + rpe_q(k * scale, height, width, backend=backend).transpose(2, 3)
+        attn = attn + rpe_q(k * scale, height, width).transpose(2, 3)
     if mask is not None:
         attn = _masked_softmax(attn + mask.to(attn.dtype))
     else:
@@ -647,7 +522,7 @@ def _math_rpe_attention_weights(
     attn = nn.functional.dropout(attn, p=dropout_p, training=dropout_p > 0)
     out = torch.matmul(attn, v)
     if rpe_v is not None:
-        out = out + rpe_v(attn, height, width, backend=backend)
+        out = out + rpe_v(attn, height, width)
     return out, attn
 
 
@@ -665,15 +540,9 @@ class RPEMultiheadAttention(nn.Module):
     DETR's ``src.flatten(2)``, skip 0). Where iRPE is configured the attention is self-attention: queries and keys of
     one length (anything else raises); with ``rpe_config=None`` (or a config with no encoding) any lengths work.
 
-    Args:
-        embed_dim: channels of queries, keys and values.
-        num_heads: attention heads; ``embed_dim`` must be a multiple of it.
-        dropout: dropout on the attention probabilities (training only).
-        bias: learn the projections' biases.
+    Args (beside ``nn.MultiheadAttention``'s):
         add_bias_kv, add_zero_attn: unsupported (they append a key without a grid position); must be False.
         kdim, vdim: channels of keys and values; must be ``None`` or ``embed_dim`` (one packed projection).
-        batch_first: inputs and outputs ``(batch, seq, feature)`` rather than ``(seq, batch, feature)``.
-        device, dtype: of the parameters.
         rpe_config: from :func:`irpe.get_rpe_config` (its ``skip`` counts the leading tokens without a grid
             position); ``None``: no encoding.
         attn_impl: the path of :func:`rpe_attention` when ``need_weights=False``; ``need_weights=True`` (the default,
@@ -752,26 +621,20 @@ class RPEMultiheadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of ``query`` over ``key`` and ``value``, as ``nn.MultiheadAttention.forward`` plus the grid ``hw``.
 
-        Masks follow ``nn.MultiheadAttention`` (bool True: not allowed; float: added to the logits). A query whose
-        keys are all masked gets zero weights and attends to nothing (its output is ``out_proj``'s bias): what
-        ``nn.MultiheadAttention`` gives with ``need_weights=False`` while training, where its ``need_weights=True``
-        path and its inference fast path give NaN (see :func:`rpe_attention`).
+        Masks as in :func:`rpe_attention`: a query whose keys are all masked attends to nothing (zero weights; its
+        output is ``out_proj``'s bias).
 
         Args:
-            query: ``(L, B, E)``, or ``(B, L, E)`` with ``batch_first``, or unbatched ``(L, E)``.
-            key, value: ``(S, B, E)`` likewise (``S = L`` where iRPE is configured).
-            key_padding_mask: ``(B, S)`` (unbatched: ``(S,)``), bool (True: a padding key) or float.
+            query, key, value: ``(L, B, E)``, ``(S, B, E)`` (``S = L`` where iRPE is configured), or batch first
+                with ``batch_first``, or unbatched ``(L, E)``.
+            key_padding_mask, attn_mask, average_attn_weights: as ``nn.MultiheadAttention``'s.
             need_weights: also return the attention weights; takes the explicit ``'math'`` path. Pass False for
                 ``attn_impl``'s fused paths.
-            attn_mask: ``(L, S)`` or ``(B * num_heads, L, S)`` (unbatched: ``(num_heads, L, S)``), bool or float.
-            average_attn_weights: average the returned weights over the heads.
-            is_causal: a hint that ``attn_mask`` is the causal mask, as in ``nn.MultiheadAttention``: ``attn_mask``
-                must then be given (it is what is applied).
+            is_causal: a hint that ``attn_mask`` is the causal mask: ``attn_mask`` must then be given (it is applied).
             hw: the grid ``(H, W)`` of the ``L - skip`` tokens after the config's skip tokens; ``None``: a square grid.
 
         Returns:
-            ``(output, weights)``: output like ``query``; weights ``(B, L, S)`` (averaged) or ``(B, num_heads, L,
-            S)``, without the batch dim for unbatched input, or ``None`` when ``need_weights`` is False.
+            ``(output, weights)`` as ``nn.MultiheadAttention``'s (``weights`` ``None`` unless ``need_weights``).
         """
         if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
             raise ValueError(
@@ -802,38 +665,21 @@ class RPEMultiheadAttention(nn.Module):
                     f"got {tuple(attn_mask.shape)}"
                 )
             attn_mask = attn_mask.view(B, self.num_heads, L, S)
-        elif attn_mask is not None and attn_mask.shape != (L, S):
-            raise ValueError(f"attn_mask must have shape (L, S) = ({L}, {S}), got {tuple(attn_mask.shape)}")
         q, k, v = self._project(query, key, value, packed)  # (B, H, L|S, d)
         height, width = (None, None) if hw is None else hw
         dropout_p = self.dropout if self.training else 0.0
         modules = (self.rpe_q, self.rpe_k, self.rpe_v)
         weights = None
         if need_weights:
-            if q.size(2) != k.size(2) and any(m is not None for m in modules):
-                raise ValueError(
-                    f"iRPE encodes positions within one grid: query and key lengths must be equal, got {L} and {S} "
-                    "(use nn.MultiheadAttention or rpe_config=None for attention between different sequences)"
-                )
-            mask = _additive_mask(key_padding_mask, attn_mask, q, k, _work_dtype(q.dtype))
-            scale, backend = self.head_dim**-0.5, irpe.resolve_backend(None)
-            out, weights = _math_rpe_attention_weights(
-                q, k, v, *modules, height, width, scale, dropout_p, backend, mask
-            )
+            if any(m is not None for m in modules):
+                _check_one_length(q, k)
+            mask = _additive_mask(key_padding_mask, attn_mask, q, k)
+            scale = self.head_dim**-0.5
+            out, weights = _math_rpe_attention(q, k, v, *modules, height, width, scale, dropout_p, mask)
             weights = weights.mean(1) if average_attn_weights else weights  # (B, L, S) or (B, H, L, S)
         else:
-            out = rpe_attention(
-                q,
-                k,
-                v,
-                *modules,
-                height,
-                width,
-                dropout_p=dropout_p,
-                impl=self.attn_impl,
-                key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask,
-            )
+            masks = {"key_padding_mask": key_padding_mask, "attn_mask": attn_mask}
+            out = rpe_attention(q, k, v, *modules, height, width, dropout_p=dropout_p, impl=self.attn_impl, **masks)
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
         if not batched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)

@@ -7,14 +7,14 @@ argmax. The two terms are mixed as ``(1 - alpha) * base + alpha * distillation``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 DistillationType = Literal["none", "soft", "hard"]
-DISTILLATION_TYPES: tuple[str, ...] = ("none", "soft", "hard")
+DISTILLATION_TYPES: tuple[str, ...] = get_args(DistillationType)
 
 
 class DistillationLoss(nn.Module):
@@ -24,8 +24,8 @@ class DistillationLoss(nn.Module):
         base_criterion: Loss on the class-token head (e.g. soft-target cross-entropy under mixup).
         teacher_model: Frozen teacher; only called when ``distillation_type != 'none'``.
         distillation_type: ``'none'``, ``'soft'`` or ``'hard'``.
-        alpha: Weight of the distillation term.
-        tau: Softmax temperature of soft distillation.
+        alpha: Weight of the distillation term, in [0, 1] (``--distillation-alpha`` checks it).
+        tau: Softmax temperature of soft distillation, > 0 (``--distillation-tau`` checks it).
     """
 
     def __init__(
@@ -41,10 +41,6 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
         if distillation_type != "none" and teacher_model is None:
             raise ValueError(f"distillation_type={distillation_type!r} needs a teacher model")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
         self.base_criterion = base_criterion
         self.teacher_model = teacher_model
         self.distillation_type = distillation_type
@@ -68,25 +64,16 @@ class DistillationLoss(nn.Module):
         if self.distillation_type == "none":
             return base_loss
         if outputs_kd is None:
-            raise ValueError(
-                "distillation needs a model that returns (class_logits, dist_logits) in train mode "
-                "(a *_distilled_* model)"
-            )
+            raise ValueError("distillation needs a *_distilled_* model: (class_logits, dist_logits) in train mode")
         with torch.no_grad():
             teacher_outputs = self.teacher_model(inputs)
         if self.distillation_type == "soft":
             T = self.tau
-            # Sum over all elements divided by the number of logits, as DeiT does (not a batch mean).
-            distillation_loss = (
-                F.kl_div(
-                    F.log_softmax(outputs_kd.float() / T, dim=1),
-                    F.log_softmax(teacher_outputs.float() / T, dim=1),
-                    reduction="sum",
-                    log_target=True,
-                )
-                * (T * T)
-                / outputs_kd.numel()
-            )
+            student = F.log_softmax(outputs_kd.float() / T, dim=1)
+            teacher = F.log_softmax(teacher_outputs.float() / T, dim=1)
+            # Summed over all elements and divided by the number of logits, as DeiT does (not a batch mean).
+            kl = F.kl_div(student, teacher, reduction="sum", log_target=True)
+            distillation_loss = kl * (T * T) / outputs_kd.numel()
         else:
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha

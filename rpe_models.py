@@ -1,23 +1,16 @@
 """The DeiT models with iRPE of the paper, registered in timm's model registry on import.
 
 ``import rpe_models`` makes ``timm.create_model('deit_small_patch16_224_ctx_product_50_shared_k', ...)`` work, with
-the pretrained cfgs of :data:`default_cfgs` (``timm.models.get_pretrained_cfg(name)``; the released ones are
-``timm.list_pretrained('*ctx*')``) and everything timm's ViT builder gives: ``features_only=True`` (``out_indices``,
-``feature_cls='getter'`` by default, ``'fx'``), ``pretrained_cfg_overlay``, ``cache_dir``, ``device``, ``dtype``. Every
+the pretrained cfgs of :data:`default_cfgs` (the released ones are ``timm.list_pretrained('*ctx*')``) and everything
+timm's ViT builder gives (``features_only``, ``pretrained_cfg_overlay``, ``cache_dir``, ``device``, ``dtype``). Every
 model uses contextual iRPE shared across heads, with one skip bucket for the class token; the name reads
-``deit_<size>_patch16_224_ctx_<method>_<buckets>_shared_<on>``.
+``deit_<size>_patch16_224_ctx_<method>_<buckets>_shared_<on>``. :data:`MODEL_ZOO` is the one table of the nine
+models and their published figures (read by ``tools/model_zoo.py`` and ``hubconf.py``).
 
-:data:`MODEL_ZOO` is the single table of the nine models: configuration, whether a checkpoint was released, and
-the published figures (parameters, MACs, ImageNet-1k top-1/top-5 at 224, from the iRPE README's model zoo table).
-``tools/model_zoo.py`` and ``hubconf.py`` read it. The plain DeiT baselines are timm's own ``deit_*`` models.
-
-``pretrained=True`` fetches ``<prefix><name>.pth`` into torch.hub's cache (``torch.hub.get_dir()/checkpoints``)
-with ``<prefix>`` = :data:`MODEL_ZOO_URL` (the cfg's ``url``), unless the environment variable
-``IRPE_MODEL_ZOO_URL`` names a mirror: a URL prefix (``https://...``, ``file://...``) or a local directory holding
-the ``.pth`` files; a ``file`` or ``url`` in ``pretrained_cfg_overlay`` names the checkpoint itself. Weights go
-through :func:`models.load_pretrained` (download with timeouts into a per-URL cache, then ``weights_only`` read,
-``pos_embed`` and head adaptation, key-by-key and shape-by-shape check, strict load); the released file names carry
-no hash, so the check is structural.
+``pretrained=True`` loads ``<prefix><name>.pth`` through :func:`models.load_pretrained` (downloaded into torch.hub's
+cache, read ``weights_only``, adapted, checked key by key and strictly loaded), with ``<prefix>`` =
+:data:`MODEL_ZOO_URL` unless the environment variable ``IRPE_MODEL_ZOO_URL`` names a mirror: a URL prefix or a local
+directory; a ``file`` or ``url`` in ``pretrained_cfg_overlay`` names the checkpoint itself.
 """
 
 from __future__ import annotations
@@ -29,23 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import irpe
 import models
 from rpe_vision_transformer import VisionTransformer
-
-__all__ = [
-    "DEIT_ARCHS",
-    "MODEL_ZOO",
-    "MODEL_ZOO_URL",
-    "ZooEntry",
-    "checkpoint_location",
-    "create_irpe_deit",
-    "default_cfgs",
-    "rpe_config_of",
-]
 
 MODEL_ZOO_URL = "https://github.com/wkcn/iRPE-model-zoo/releases/download/1.0/"
 MODEL_ZOO_ENV = "IRPE_MODEL_ZOO_URL"
@@ -83,14 +64,7 @@ class ZooEntry:
     @property
     def rpe_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`irpe.get_rpe_config` for this model."""
-        return {
-            "ratio": self.ratio,
-            "method": self.method,
-            "mode": "ctx",
-            "shared_head": True,
-            "skip": 1,
-            "rpe_on": self.rpe_on,
-        }
+        return dict(ratio=self.ratio, method=self.method, mode="ctx", shared_head=True, skip=1, rpe_on=self.rpe_on)
 
 
 MODEL_ZOO: dict[str, ZooEntry] = {
@@ -132,68 +106,51 @@ def rpe_config_of(name: str) -> irpe.RPEConfigs:
 
 
 def checkpoint_location(name: str, mirror: str | None = None) -> str:
-    """URL (or local path) of the checkpoint of ``name``: ``<prefix><name>.pth``.
+    """URL (or local path) ``<prefix><name>.pth`` of the checkpoint of ``name``.
 
-    Args:
-        name: zoo model name.
-        mirror: prefix to use; ``None`` reads ``IRPE_MODEL_ZOO_URL``, falling back to :data:`MODEL_ZOO_URL`. A
-            prefix without ``scheme://`` is a local directory.
+    ``mirror`` is the prefix; ``None`` reads ``IRPE_MODEL_ZOO_URL``, else :data:`MODEL_ZOO_URL`. A prefix without
+    ``scheme://`` is a local directory.
 
     Raises:
         ValueError: the mirror is neither a URL nor an existing directory.
     """
-    prefix = mirror if mirror is not None else os.environ.get(MODEL_ZOO_ENV, "").strip()
-    prefix = prefix or MODEL_ZOO_URL
-    file_name = f"{name}.pth"
+    prefix = (mirror if mirror is not None else os.environ.get(MODEL_ZOO_ENV, "").strip()) or MODEL_ZOO_URL
     if models.is_url(prefix):
-        return prefix.rstrip("/") + "/" + file_name
-    directory = Path(prefix).expanduser()
-    if not directory.is_dir():
+        return f"{prefix.rstrip('/')}/{name}.pth"
+    if not Path(prefix).expanduser().is_dir():
         raise ValueError(f"{MODEL_ZOO_ENV}={prefix!r} is neither a URL prefix (scheme://...) nor an existing directory")
-    return str(directory / file_name)
+    return str(Path(prefix).expanduser() / f"{name}.pth")
 
 
-def _pretrained_cfg(entry: ZooEntry) -> dict[str, Any]:
-    """timm's pretrained cfg of a zoo model: the release URL (``''`` without a release) and DeiT's eval transform."""
-    return {
-        "url": checkpoint_location(entry.name, mirror=MODEL_ZOO_URL) if entry.released else "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "paper_ids": "arXiv:2107.14222",
-        "origin_url": "https://github.com/microsoft/Cream/tree/main/iRPE",
+# timm's pretrained cfgs, read by register_model for every entrypoint below: the release URL ('' without a release);
+# timm's defaults are DeiT's eval transform (1000 classes, 224 px, bicubic, crop 0.875, ImageNet mean and std).
+default_cfgs = generate_default_cfgs(
+    {
+        name: {
+            "url": checkpoint_location(name, mirror=MODEL_ZOO_URL) if entry.released else "",
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "paper_ids": "arXiv:2107.14222",
+            "origin_url": "https://github.com/microsoft/Cream/tree/main/iRPE",
+        }
+        for name, entry in MODEL_ZOO.items()
     }
-
-
-# Read by timm's register_model for every entrypoint below (timm.models.get_pretrained_cfg(name)).
-default_cfgs = generate_default_cfgs({name: _pretrained_cfg(entry) for name, entry in MODEL_ZOO.items()})
+)
 
 
 def create_irpe_deit(name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """Build the zoo model ``name`` with timm's ``build_model_with_cfg`` (the builder of every entrypoint).
 
-    Args:
-        name: a key of :data:`MODEL_ZOO`.
-        pretrained: load the released checkpoint (see the module docstring).
-        **kwargs: :class:`rpe_vision_transformer.VisionTransformer` arguments (``img_size``, ``num_classes``,
-            ``drop_path_rate``, ``attn_impl``, ...) and what ``timm.create_model`` passes: ``pretrained_cfg``,
-            ``pretrained_cfg_overlay`` (its ``file`` or ``url`` names the checkpoint), ``cache_dir`` (download
-            directory), ``features_only``, ``out_indices``, ``feature_cls``, ``device``, ``dtype``.
+    ``pretrained`` loads the released checkpoint (see the module docstring); ``kwargs`` are those of
+    :class:`rpe_vision_transformer.VisionTransformer` (``img_size``, ``num_classes``, ``attn_impl``, ...) and what
+    ``timm.create_model`` passes (``pretrained_cfg_overlay``, ``cache_dir``, ``features_only``, ``out_indices``, ...).
 
     Raises:
         ValueError: unknown name, or an ``rpe_config`` (each zoo model fixes its own).
-        models.PretrainedWeightsError: the weights cannot be fetched, read or matched to the model;
+        models.CheckpointError: the weights cannot be fetched, read or matched to the model;
             :class:`models.NoReleasedWeightsError` for a model without released weights.
     """
-    if name not in MODEL_ZOO:
-        raise ValueError(f"unknown iRPE model {name!r}; known: {', '.join(MODEL_ZOO)}")
+    rpe_config = rpe_config_of(name)
     if "rpe_config" in kwargs:
         raise ValueError(
             f"{name} fixes its own rpe_config; build other configurations with "
@@ -210,7 +167,7 @@ def create_irpe_deit(name: str, pretrained: bool = False, **kwargs: Any) -> Visi
         name,
         pretrained=False,  # timm builds; _build loads the weights through models.load_pretrained
         feature_cfg={"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"},
-        **{"rpe_config": rpe_config_of(name), **DEIT_ARCHS[MODEL_ZOO[name].size], **kwargs},
+        **{"rpe_config": rpe_config, **DEIT_ARCHS[MODEL_ZOO[name].size], **kwargs},
     )
 
 
@@ -232,9 +189,8 @@ def _weights_location(name: str, overlay: Mapping[str, Any] | None) -> str:
 def _build(*, weights: str | None, cache_dir: str | os.PathLike | None, **kwargs: Any) -> VisionTransformer:
     """``VisionTransformer(**kwargs)``, with the checkpoint at ``weights`` loaded by :func:`models.load_pretrained`.
 
-    A model without classifier (``num_classes=0``) takes the checkpoint's backbone: it is loaded with a head of
-    one class (which the checkpoint's does not fit, so it stays fresh, see :func:`models.adapt_state_dict`) that is
-    removed afterwards.
+    With ``num_classes=0`` the checkpoint's backbone is loaded into a model with a one-class head (which stays
+    fresh, see :func:`models.adapt_state_dict`), removed afterwards.
     """
     headless = weights is not None and kwargs.get("num_classes", 1000) == 0
     model = VisionTransformer(**{**kwargs, "num_classes": 1} if headless else kwargs)
@@ -260,52 +216,43 @@ def _zoo_model(fn: Callable[..., VisionTransformer]) -> Callable[..., VisionTran
 @_zoo_model
 def deit_tiny_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Tiny, contextual product iRPE on keys (ratio 1.9: 50 buckets incl. the class-token bucket)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_euc_20_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual Euclidean iRPE on keys (ratio 20)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_quant_51_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual quantised-Euclidean iRPE on keys (ratio 33)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_cross_56_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual cross iRPE (row table + column table) on keys (ratio 20)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual product iRPE on keys (ratio 1.9)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_product_50_shared_qk(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual product iRPE on queries and keys (ratio 1.9)."""
-    ...
 
 
 @_zoo_model
 def deit_small_patch16_224_ctx_product_50_shared_qkv(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Small, contextual product iRPE on queries, keys and values (ratio 1.9)."""
-    ...
 
 
 @_zoo_model
 def deit_base_patch16_224_ctx_product_50_shared_k(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Base, contextual product iRPE on keys (ratio 1.9)."""
-    ...
 
 
 @_zoo_model
 def deit_base_patch16_224_ctx_product_50_shared_qkv(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """DeiT-Base, contextual product iRPE on queries, keys and values (ratio 1.9)."""
-    ...

@@ -1,41 +1,25 @@
-"""Vision Transformer (DeiT) with image relative position encoding (iRPE), on timm's own ViT classes.
+"""Vision Transformer (DeiT) with image relative position encoding (iRPE), built on timm's own ViT classes.
 
 Reference: Kan Wu, Houwen Peng, Minghao Chen, Jianlong Fu, Hongyang Chao, "Rethinking and Improving Relative
 Position Encoding for Vision Transformer", ICCV 2021 (https://arxiv.org/abs/2107.14222), on top of DeiT
 (Touvron et al., "Training data-efficient image transformers & distillation through attention", ICML 2021).
 
-The classes subclass timm's (``timm.models.vision_transformer.VisionTransformer``, ``Block``,
-``timm.layers.Attention``; the distilled model ``timm.models.deit.VisionTransformerDistilled``), so they have
-what timm's ViT has: ``features_only`` / ``forward_intermediates`` / ``feature_info``, ``set_grad_checkpointing``,
-``group_matcher``, ``reset_classifier(num_classes, global_pool)``, ``dynamic_img_size``. Only the attention is
-ours, because iRPE adds terms inside the softmax (queries, keys) and after it (values); as timm's ``eva.py`` hands
-its rotary embedding to every block, the model hands every block the patch grid ``(height, width)`` of the input,
-from which each iRPE module computes its bucket ids. Nothing ever guesses the grid from the sequence length.
+The classes subclass timm's ``Attention``, ``Block``, ``VisionTransformer`` and ``VisionTransformerDistilled``, so they
+have what timm's ViT has (``features_only``, ``forward_intermediates``, grad checkpointing, ``group_matcher``,
+``reset_classifier``, ``dynamic_img_size``). Only the attention is ours, as iRPE adds terms inside the softmax (queries,
+keys) and after it (values); as timm's ``eva.py`` hands its rotary embedding to every block, the model hands every
+block the patch grid ``(height, width)`` of its input, from which the iRPE modules compute their bucket ids: nothing
+guesses the grid from the sequence length. :func:`add_irpe` turns a model of timm's own classes into these, in place.
+Parameter names are those of the released DeiT and iRPE checkpoints (iRPE tables at ``blocks.{i}.attn.rpe_{q,k,v}.*``).
 
-:func:`add_irpe` puts iRPE into a model built by timm's own ``VisionTransformer`` (ViT, DeiT, DeiT-III, ViTs with
-registers, ...), pretrained or not, by turning it into these classes in place: same parameters under the same names,
-plus zero tables, so it computes what it did until training moves them.
-
-Parameter names are the timm-0.3 ViT layout of the released DeiT and iRPE checkpoints (``patch_embed.proj``,
-``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``head``;
-``dist_token`` and ``head_dist`` for distilled models; iRPE tables at ``blocks.{i}.attn.rpe_{q,k,v}.*``), so those
-checkpoints load with ``strict=True``.
-
-Resolution policy: a model is built for ``img_size`` (an int or ``(height, width)``), which sets the size of
-``pos_embed``. With ``dynamic_img_size=True`` (the default here) any input whose sides are multiples of
-``patch_size`` is accepted and timm resamples ``pos_embed`` to its grid; with ``False`` only ``img_size`` is.
-
-Tracing and export: the grid checks raise ``ValueError`` in eager mode and become ``torch._check`` assertions under
-``torch.compile`` / ``torch.export``; :func:`image_patch_grid` and :func:`rpe_attention` are leaves (``torch.fx.wrap``)
-for ``torch.fx`` symbolic tracing, so timm's and torchvision's FX feature extractors work; ``torch.jit.trace``
-records the traced input's grid.
+Tracing: the grid checks raise ``ValueError`` in eager mode and are ``torch._check`` assertions under
+``torch.compile`` / ``torch.export``; :func:`image_patch_grid`, ``rpe_attention`` and ``resample_abs_pos_embed`` are
+``torch.fx`` leaves, so FX feature extractors work; ``torch.jit.trace`` records the traced input's grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -63,46 +47,34 @@ __all__ = [
 ]
 
 AttnImpl = Literal["auto", "math", "sdpa", "flex", "ops", "triton"]
-# Attention implementations RPEAttention can run (see irpe_attention.resolve_attn_impl): 'math' materialises the
-# (B, H, L, L) probabilities; 'sdpa' runs PyTorch's fused attention with the iRPE bias and keeps nothing L x L for
-# backward; 'flex' adds the bias inside FlexAttention (no values); 'ops' is the fused CPU kernel of rpe_ops. 'auto'
-# takes 'ops' on CPU where rpe_ops is built, else 'sdpa', and 'math' in training with attention dropout.
+# The attention paths of RPEAttention (see irpe_attention.rpe_attention); 'auto' takes the fastest that can run.
 ATTN_IMPLS: tuple[str, ...] = irpe_attention.ATTN_IMPLS
-
-
-def _require(cond: bool | torch.SymBool, message: str) -> None:
-    """``ValueError(message)`` unless ``cond``; under torch.compile/export a symbolic ``cond`` is a ``torch._check``
-    (a guard, or a runtime assertion of the exported program) instead."""
-    if isinstance(cond, torch.SymBool):
-        torch._check(cond, lambda: message)
-    elif not cond:
-        raise ValueError(message)
 
 
 @torch.fx.wrap
 def image_patch_grid(x: torch.Tensor, patch_size: tuple[int, int]) -> tuple[int, int]:
-    """The ``(height, width)`` patch grid of images ``x (B, C, H_img, W_img)``; sides must be multiples of the patch.
+    """The ``(height, width)`` patch grid of images ``x (B, C, H_img, W_img)``; ``ValueError`` unless the sides are
+    multiples of the patch.
 
     A leaf of ``torch.fx`` tracing (the check runs when the traced graph runs); under ``torch.jit.trace`` the sizes
     are read as Python ints, so the trace is specialised to the traced input's grid (as its iRPE bucket ids are).
-
-    Raises:
-        ValueError: a side is not a multiple of the patch size.
     """
     img_h, img_w = x.shape[-2], x.shape[-1]
     if torch.jit.is_tracing():
         img_h, img_w = int(img_h), int(img_w)  # jit.trace reads sizes as 0-dim tensors
     ph, pw = patch_size
     message = f"the image size {img_h}x{img_w} must be a multiple of the patch size {ph}x{pw}"
-    _require(img_h % ph == 0, message)
-    _require(img_w % pw == 0, message)
+    for divisible in (img_h % ph == 0, img_w % pw == 0):
+        if isinstance(divisible, torch.SymBool):  # torch.compile/export: a guard, or an assertion of the program
+            torch._check(divisible, lambda: message)
+        elif not divisible:
+            raise ValueError(message)
     return img_h // ph, img_w // pw
 
 
-# irpe_attention.rpe_attention is a leaf of torch.fx tracing: its modules compute bucket ids in Python from the grid,
-# which symbolic tracing only knows as a proxy.
+# Leaves of torch.fx tracing: the iRPE modules compute bucket ids in Python from the grid (a proxy to symbolic
+# tracing), and timm's resampling branches on sizes.
 torch.fx.wrap("rpe_attention")
-# timm's resampling branches on sizes: a leaf, so that a dynamic_img_size model traces.
 torch.fx.wrap("resample_abs_pos_embed")
 
 
@@ -124,53 +96,42 @@ class RPEAttention(Attention):
     """timm's multi-head self-attention with iRPE on queries, keys and/or values.
 
     Args:
-        dim: token channels.
-        num_heads: attention heads; ``dim`` must be divisible by it.
-        qkv_bias: learn a bias in the ``qkv`` projection.
-        qk_scale: logit scale; ``None`` gives ``head_dim ** -0.5``.
-        attn_drop: dropout on the attention probabilities.
-        proj_drop: dropout after the output projection.
+        dim: token channels, a multiple of ``num_heads``.
+        num_heads: attention heads.
         rpe_config: from :func:`irpe.get_rpe_config`; ``None`` gives plain attention.
         attn_impl: attention implementation, one of :data:`ATTN_IMPLS` (see :func:`irpe_attention.rpe_attention`).
-        **kwargs: the other arguments of ``timm.layers.Attention`` (``qk_norm``, ``proj_bias``, ``norm_layer``,
-            ``device``, ``dtype``, ...).
+        qk_scale: logit scale; ``None`` gives ``head_dim ** -0.5``.
+        **kwargs: the other arguments of ``timm.layers.Attention`` (``qkv_bias``, ``attn_drop``, ``proj_drop``,
+            ``qk_norm``, ``norm_layer``, ``device``, ``dtype``, ...).
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_scale: float | None = None,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
+        *,
         rpe_config: irpe.RPEConfigs | None = None,
         attn_impl: AttnImpl = "auto",
+        qk_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim={dim} must be a positive multiple of num_heads={num_heads}")
-        super().__init__(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **kwargs
-        )
+        super().__init__(dim, num_heads=num_heads, **kwargs)
         self.set_rpe(rpe_config, attn_impl=attn_impl, qk_scale=qk_scale)
 
     def set_rpe(
         self, rpe_config: irpe.RPEConfigs | None, attn_impl: AttnImpl = "auto", qk_scale: float | None = None
     ) -> None:
-        """(Re)build the iRPE modules ``rpe_q``, ``rpe_k``, ``rpe_v`` (zero tables) and set the attention path.
-
-        :class:`RPEBlock` calls it after timm's ``Block`` has built the attention, as timm's ``attn_layer`` hook
-        passes only timm's own arguments; :func:`add_irpe` calls it on the attention of a timm model.
+        """(Re)build the iRPE modules ``rpe_q``, ``rpe_k``, ``rpe_v`` (zero tables), set the path and the logit scale
+        (``qk_scale=None`` keeps it); the models and :func:`add_irpe` call it on every attention after timm built it.
         """
         _check_attn_impl(attn_impl, rpe_config, self.attn_drop.p)
         modules = irpe.build_rpe(rpe_config, head_dim=self.head_dim, num_heads=self.num_heads)
-        self.attn_impl = attn_impl
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         weight = self.qkv.weight
-        self.rpe_q, self.rpe_k, self.rpe_v = (
-            m if m is None else m.to(device=weight.device, dtype=weight.dtype) for m in modules
-        )
+        self.rpe_q, self.rpe_k, self.rpe_v = (m if m is None else m.to(weight.device, weight.dtype) for m in modules)
+        self.attn_impl = attn_impl
+        self.scale = qk_scale if qk_scale is not None else self.scale
 
     def __prepare_scriptable__(self) -> RPEAttention:
         # torch.jit.script calls this first: say why it cannot work, rather than fail deep inside irpe's modules
@@ -190,7 +151,7 @@ class RPEAttention(Attention):
         height: int | None = None,
         width: int | None = None,
     ) -> torch.Tensor:
-        """Attend over ``x (B, L, C)`` laid out as ``L - height * width`` leading tokens then the patch grid.
+        """Attend over ``x (B, L, C)``: ``L - height * width`` leading tokens, then the patch grid; ``(B, L, C)``.
 
         Args:
             x: tokens ``(B, L, C)``.
@@ -198,114 +159,70 @@ class RPEAttention(Attention):
                 True marks a pair that takes part, a float mask is added to the logits), broadcastable to ``(B,
                 num_heads, L, L)`` from the right; a query with no key left gets a zero output.
             is_causal: unsupported (image tokens attend in every direction); must be ``False``.
-            height: patch-grid rows; pass it (and ``width``) whenever an iRPE module is present.
-            width: patch-grid columns.
-
-        Returns:
-            ``(B, L, C)``.
+            height, width: the patch grid (rows, columns); required whenever an iRPE module is present.
         """
         if is_causal:
             raise ValueError("RPEAttention takes no is_causal: image tokens attend in every direction; pass attn_mask")
         if attn_mask is not None:  # rpe_attention's bool masks follow nn.MultiheadAttention: True is masked out
             attn_mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
             attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))  # (.., L, L), 4-D
-        B, L, C = x.shape
+        B, L, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, d) each
         q, k = self.q_norm(q), self.k_norm(k)
-        dropout_p = self.attn_drop.p if self.training else 0.0
+        rpe = (self.rpe_q, self.rpe_k, self.rpe_v)
+        p_drop = self.attn_drop.p if self.training else 0.0
         x = rpe_attention(
-            q,
-            k,
-            v,
-            self.rpe_q,
-            self.rpe_k,
-            self.rpe_v,
-            height,
-            width,
-            scale=self.scale,
-            dropout_p=dropout_p,
-            impl=self.attn_impl,
-            attn_mask=attn_mask,
+            q, k, v, *rpe, height, width, scale=self.scale, dropout_p=p_drop, impl=self.attn_impl, attn_mask=attn_mask
         )  # (B, H, L, d)
         x = self.norm(x.transpose(1, 2).reshape(B, L, self.attn_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x if gate is None else x * gate))
 
 
 class RPEBlock(Block):
-    """timm's pre-norm transformer block with :class:`RPEAttention`, which it passes the patch grid.
+    """timm's pre-norm transformer block that passes the patch grid to its :class:`RPEAttention`.
 
-    Args:
-        dim: token channels.
-        num_heads: attention heads.
-        rpe_config: iRPE configuration, or ``None``.
-        attn_impl: see :class:`RPEAttention`.
-        qk_scale: logit scale override.
-        **kwargs: the arguments of ``timm.models.vision_transformer.Block`` (``mlp_ratio``, ``qkv_bias``,
-            ``proj_drop``, ``attn_drop``, ``drop_path``, ``norm_layer``, ...). ``attn_layer`` is always
-            :class:`RPEAttention`.
+    Built as timm's ``Block`` with ``attn_layer=RPEAttention``; :meth:`RPEAttention.set_rpe` then sets the iRPE.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        rpe_config: irpe.RPEConfigs | None = None,
-        attn_impl: AttnImpl = "auto",
-        qk_scale: float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs["attn_layer"] = RPEAttention
-        super().__init__(dim, num_heads, **kwargs)
-        self.attn.set_rpe(rpe_config, attn_impl=attn_impl, qk_scale=qk_scale)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> torch.Tensor:
-        """``x (B, L, C)`` -> ``(B, L, C)``; ``height``/``width`` is the patch grid (see :class:`RPEAttention`)."""
-        attn = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, height=height, width=width)
-        x = x + self.drop_path1(self.ls1(attn))
+    def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        """``x (B, L, C)`` -> ``(B, L, C)``; ``attn_kwargs`` (``height``, ``width``, ...) go to the attention."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _check_rpe_skip(rpe_config: irpe.RPEConfigs | None, num_prefix_tokens: int) -> None:
+    """The class (and distillation) tokens are iRPE's skip tokens: the configuration must reserve exactly them."""
+    singles = [rpe_config.rpe_q, rpe_config.rpe_k, rpe_config.rpe_v] if rpe_config is not None else []
+    wrong = {single.skip for single in singles if single is not None} - {num_prefix_tokens}
+    if wrong:
+        raise ValueError(
+            f"the iRPE has skip={wrong.pop()}, but the model has {num_prefix_tokens} prefix token(s) (class token, "
+            f"distillation token): build the configuration with get_rpe_config(..., skip={num_prefix_tokens})"
+        )
 
 
 class VisionTransformer(TimmVisionTransformer):
     """DeiT/ViT classifier with optional iRPE in every block: timm's ``VisionTransformer`` with :class:`RPEBlock`.
 
+    Takes timm's arguments (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``, ``num_classes``,
+    ``drop_path_rate``, ``device``, ...; the norm is DeiT's ``LayerNorm(eps=1e-6)``) and these, whose defaults or
+    meanings differ from timm's:
+
     Args:
-        img_size: image size the model is built for (sets ``pos_embed``); int or ``(height, width)``.
-        patch_size: square patch side.
-        in_chans: input channels.
-        num_classes: classes of the head; 0 gives no head (pooled features).
-        embed_dim: token channels.
-        depth: number of blocks.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width relative to ``embed_dim``.
         qkv_bias: learn a bias in the ``qkv`` projections.
         qk_scale: logit scale override (``None``: ``head_dim ** -0.5``).
         drop_rate: DeiT's dropout: after the position embedding, the attention projections and in the MLPs (timm's
             ``pos_drop_rate`` / ``proj_drop_rate`` set them separately); the classifier has none.
-        attn_drop_rate: dropout on attention probabilities.
-        drop_path_rate: stochastic depth, increasing linearly from 0 to this rate over the blocks.
-        norm_layer: normalisation factory; ``None`` gives ``LayerNorm(eps=1e-6)`` as every DeiT model uses.
-        rpe_config: from :func:`irpe.get_rpe_config`; ``None`` builds the plain DeiT. The class (and distillation)
-            token are the ``skip`` leading tokens of iRPE, so ``skip`` must equal the number of prefix tokens.
+        rpe_config: from :func:`irpe.get_rpe_config`; ``None`` builds the plain DeiT. Its ``skip`` must equal the
+            number of prefix tokens (class and distillation tokens): ``ValueError`` otherwise.
         attn_impl: attention implementation of every block (see :class:`RPEAttention`).
         distilled: build a :class:`DistilledVisionTransformer` (DeiT's distillation token and head) instead.
         dynamic_img_size: accept any input whose sides are multiples of the patch size (``pos_embed`` is resampled
             to its grid); ``False`` accepts ``img_size`` only.
-        **kwargs: other arguments of timm's ``VisionTransformer`` (``global_pool``, ``act_layer``, ``device``, ...).
-
-    Raises:
-        ValueError: an iRPE ``skip`` that differs from the number of prefix tokens, or patch dropout (it would drop
-            grid cells that the bucket ids refer to).
+        **kwargs: timm's other arguments; a ``patch_drop_rate`` with iRPE is a ``ValueError`` (it would drop grid
+            cells that the bucket ids refer to).
     """
 
     def __new__(cls, *args: Any, distilled: bool = False, **kwargs: Any) -> VisionTransformer:
@@ -314,20 +231,10 @@ class VisionTransformer(TimmVisionTransformer):
 
     def __init__(
         self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
+        *args: Any,
         qkv_bias: bool = False,
         qk_scale: float | None = None,
         drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_layer: Callable[..., nn.Module] | None = None,
         rpe_config: irpe.RPEConfigs | None = None,
         attn_impl: AttnImpl = "auto",
         distilled: bool = False,
@@ -336,27 +243,13 @@ class VisionTransformer(TimmVisionTransformer):
     ) -> None:
         if kwargs.get("patch_drop_rate", 0.0) > 0 and _uses_rpe(rpe_config):
             raise ValueError("patch_drop_rate > 0 drops patches, which the iRPE bucket ids of the grid refer to")
-        kwargs.setdefault("pos_drop_rate", drop_rate)
-        kwargs.setdefault("proj_drop_rate", drop_rate)
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_layer=norm_layer or partial(nn.LayerNorm, eps=1e-6),
-            block_fn=partial(RPEBlock, rpe_config=rpe_config, attn_impl=attn_impl, qk_scale=qk_scale),
-            dynamic_img_size=dynamic_img_size,
-            **kwargs,
-        )
-        self.rpe_config = rpe_config
+        kwargs = {"pos_drop_rate": drop_rate, "proj_drop_rate": drop_rate, **kwargs}  # DeiT's drop_rate
+        blocks = dict(block_fn=RPEBlock, attn_layer=RPEAttention)
+        super().__init__(*args, qkv_bias=qkv_bias, dynamic_img_size=dynamic_img_size, **blocks, **kwargs)
         _check_rpe_skip(rpe_config, self.num_prefix_tokens)
+        self.rpe_config = rpe_config
+        for block in self.blocks:
+            block.attn.set_rpe(rpe_config, attn_impl=attn_impl, qk_scale=qk_scale)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """timm's initialisation, with DeiT's class token (truncated normal, std 0.02); iRPE tables stay zero."""
@@ -370,34 +263,26 @@ class VisionTransformer(TimmVisionTransformer):
         return tuple(self.patch_embed.grid_size)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Prefix tokens and ``pos_embed`` (resampled to the grid with ``dynamic_img_size``) added to the patches.
+        """Patches ``x`` (``(B, Gh, Gw, C)`` with ``dynamic_img_size``, else ``(B, N, C)``) -> ``(B, prefix + N, C)``.
 
-        What timm's ``VisionTransformer._pos_embed`` and ``VisionTransformerDistilled._pos_embed`` do, for both: the
-        prefix is the class token, then the register or distillation token. Ours calls the resampling as a
-        ``torch.fx`` leaf, as timm's own traces into its size checks.
+        What timm's ``VisionTransformer._pos_embed`` and ``VisionTransformerDistilled._pos_embed`` do, for both (the
+        prefix is the class token, then the register or distillation tokens), with the resampling of ``pos_embed`` as
+        a ``torch.fx`` leaf: plain ``torch.fx.symbolic_trace`` cannot trace timm's, which branches on sizes.
         """
         B, C = x.shape[0], x.shape[-1]
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token, self._dist_token()) if t is not None]
+        prefix = [self.cls_token, self.reg_token, getattr(self, "dist_token", None)]
+        prefix = [t.expand(B, -1, -1) for t in prefix if t is not None]  # (B, 1 or reg_tokens, C) each
         if self.pos_embed is None:
             return torch.cat([*prefix, x.view(B, -1, C)], dim=1)
         pos_embed = self.pos_embed  # (1, prefix + N, C), or (1, N, C) with no_embed_class
         if self.dynamic_img_size:
-            _, H, W, _ = x.shape  # (B, Gh, Gw, C)
-            pos_embed = resample_abs_pos_embed(
-                pos_embed,
-                new_size=(H, W),
-                old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            )
+            num_prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
+            grid = (x.shape[1], x.shape[2])
+            pos_embed = resample_abs_pos_embed(pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens)
             x = x.view(B, -1, C)
         if self.no_embed_class:
-            x = torch.cat([*prefix, x + pos_embed], dim=1)
-        else:
-            x = torch.cat([*prefix, x], dim=1) + pos_embed
-        return self.pos_drop(x)  # (B, prefix + N, C)
-
-    def _dist_token(self) -> torch.Tensor | None:
-        return None
+            return self.pos_drop(torch.cat([*prefix, x + pos_embed], dim=1))
+        return self.pos_drop(torch.cat([*prefix, x], dim=1) + pos_embed)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Tokens ``(B, prefix + N, C)`` of images ``x``, with their patch grid ``(height, width)``."""
@@ -405,12 +290,11 @@ class VisionTransformer(TimmVisionTransformer):
             height, width = self.patch_embed.dynamic_feat_size(x.shape[-2:])
         else:
             height, width = image_patch_grid(x, self.patch_embed.patch_size)
-        x = self.patch_embed(x)  # (B, Gh, Gw, C) with dynamic_img_size, else (B, N, C)
-        x = self._pos_embed(x)  # (B, prefix + N, C)
+        x = self._pos_embed(self.patch_embed(x))  # (B, prefix + N, C)
         return self.norm_pre(self.patch_drop(x)), height, width
 
     def _block(self, block: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             return checkpoint(block, x, height=height, width=width)
         return block(x, height=height, width=width)
 
@@ -431,8 +315,7 @@ class VisionTransformer(TimmVisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_chans, H_img, W_img)`` -> logits ``(B, num_classes)`` (pooled features without a head).
 
-        Unlike timm's ViT, no ``attn_mask``/``is_causal``: every token attends to every token. That also keeps them
-        out of ``torch.fx`` traces, whose inputs are the forward's arguments.
+        No ``attn_mask``/``is_causal`` (every token attends to every token): they stay out of ``torch.fx`` traces.
         """
         return self.forward_head(self.forward_features(x))
 
@@ -451,37 +334,26 @@ class VisionTransformer(TimmVisionTransformer):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]] | dict[str, Any]:
         """Block outputs as timm's ``VisionTransformer.forward_intermediates`` gives them (same arguments).
 
-        Args:
-            x: images ``(B, in_chans, H_img, W_img)``.
-            indices: blocks to take: the last ``n`` for an int, these for a list, all for ``None``.
-            return_prefix_tokens: pair every intermediate with its prefix tokens ``(B, prefix, C)``.
-            norm: apply the final norm to the intermediates.
-            stop_early: run no block after the last one taken.
-            output_fmt: ``'NCHW'`` (``(B, C, height, width)``) or ``'NLC'`` (``(B, N, C)``) patch tokens.
-            intermediates_only: return the intermediates only.
-            output_dict: return ``{'image_intermediates', 'image_intermediates_prefix', 'image_features'}``.
-            attn_mask: must be ``None``; is_causal: must be ``False`` (timm's signature).
-
-        Returns:
-            ``(final normalised tokens, intermediates)``, the intermediates alone, or the dict.
+        The intermediates are ``(B, C, height, width)`` for ``output_fmt='NCHW'``, ``(B, N, C)`` for ``'NLC'``; with
+        ``return_prefix_tokens`` each is paired with its prefix tokens ``(B, prefix, C)``. Returns ``(final normalised
+        tokens, intermediates)``, the intermediates alone, or the dict of ``output_dict=True``. ``attn_mask`` and
+        ``is_causal`` must be left unset.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         if attn_mask is not None or is_causal:
             raise ValueError("iRPE models take no attn_mask and no is_causal")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
         x, height, width = self._embed(x)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
         intermediates = []
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
             x = self._block(block, x, height, width)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates]  # (B, prefix, C)
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]  # (B, N, C)
         if output_fmt == "NCHW":
-            intermediates = [y.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.unflatten(1, (height, width)).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if output_dict:
             result: dict[str, Any] = {"image_intermediates": intermediates}
             if return_prefix_tokens:
@@ -491,9 +363,7 @@ class VisionTransformer(TimmVisionTransformer):
             return result
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
 
 class DistilledVisionTransformer(VisionTransformer, VisionTransformerDistilled):
@@ -508,42 +378,14 @@ class DistilledVisionTransformer(VisionTransformer, VisionTransformerDistilled):
             raise ValueError("DistilledVisionTransformer is always distilled; use VisionTransformer instead")
         super().__init__(*args, **kwargs)
 
-    def _dist_token(self) -> torch.Tensor | None:
-        return self.dist_token
-
-
-def _check_rpe_skip(rpe_config: irpe.RPEConfigs | None, num_prefix_tokens: int) -> None:
-    """The class (and distillation) tokens are iRPE's skip tokens: the configuration must reserve exactly them."""
-    if not _uses_rpe(rpe_config):
-        return
-    for which in "qkv":
-        single = getattr(rpe_config, f"rpe_{which}")
-        if single is not None and single.skip != num_prefix_tokens:
-            raise ValueError(
-                f"rpe_{which} has skip={single.skip}, but the model has {num_prefix_tokens} prefix token(s) (class "
-                f"token, distillation token): build the configuration with get_rpe_config(..., skip="
-                f"{num_prefix_tokens})"
-            )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # iRPE in a timm ViT: add_irpe
 
 
-# The timm classes add_irpe retrofits, and the class of this file each becomes. Both of ours add only the overrides
-# that hand the patch grid to the blocks (`_embed`, `forward_features`, `forward_intermediates`); every parameter,
-# buffer and attribute timm's constructor made stays as it is.
-_RETROFIT_CLASSES: dict[type, type] = {
-    TimmVisionTransformer: VisionTransformer,
-    VisionTransformerDistilled: DistilledVisionTransformer,
-    VisionTransformer: VisionTransformer,
-    DistilledVisionTransformer: DistilledVisionTransformer,
-}
-
-
 @dataclass(frozen=True)
 class IRPESpec:
-    """The iRPE that :func:`add_irpe` puts into a model, written as ``main.py --irpe`` takes it.
+    """The iRPE that ``main.py --irpe`` puts into a model: ``add_irpe(model, **asdict(spec))``.
 
     Text form: ``METHOD,MODE,ON[,ratio=R][,shared_head=false]``, e.g. ``product,ctx,qkv`` or
     ``euc,bias,k,ratio=20``. The fields are canonicalised (``contextual`` -> ``ctx``, ``kq`` -> ``qk``), so equal
@@ -564,17 +406,16 @@ class IRPESpec:
     shared_head: bool = True
 
     def __post_init__(self) -> None:
+        on = self.rpe_on
         if self.method not in ("euc", "quant", "cross", "product"):
             raise ValueError(f"unknown iRPE method {self.method!r}: use euc, quant, cross or product")
-        mode = {"ctx": "ctx", "contextual": "ctx", "bias": "bias"}.get(self.mode)
-        if mode is None:
+        if self.mode not in ("ctx", "contextual", "bias"):
             raise ValueError(f"unknown iRPE mode {self.mode!r}: use ctx (contextual) or bias")
-        on = self.rpe_on
         if not on or set(on) - set("qkv") or len(set(on)) != len(on):
             raise ValueError(f"iRPE on {on!r}: name where the encodings go with the letters q, k, v (e.g. k, qkv)")
-        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "mode", "bias" if self.mode == "bias" else "ctx")
         object.__setattr__(self, "rpe_on", "".join(w for w in "qkv" if w in on))
-        irpe.get_rpe_config(self.ratio, self.method, self.mode, self.shared_head, rpe_on=self.rpe_on)  # the rest
+        irpe.get_rpe_config(**asdict(self))  # the rest: a positive ratio, no bias mode on values
 
     @classmethod
     def parse(cls, text: str) -> IRPESpec:
@@ -608,24 +449,26 @@ class IRPESpec:
         return text if self.shared_head else f"{text},shared_head=false"
 
 
+# The timm classes add_irpe retrofits, and the class of this file each becomes (ours stay as they are).
+_RETROFIT_CLASSES = {TimmVisionTransformer: VisionTransformer, VisionTransformerDistilled: DistilledVisionTransformer}
+_RETROFIT_CLASSES |= {cls: cls for cls in _RETROFIT_CLASSES.values()}
+
+
 def _retrofit_problems(model: nn.Module) -> list[str]:
     """What keeps :func:`add_irpe` from putting iRPE into ``model``; empty when it can."""
-    kind = f"{type(model).__module__}.{type(model).__qualname__}"
     if type(model) not in _RETROFIT_CLASSES:
         return [
-            f"{kind} is not timm's VisionTransformer or VisionTransformerDistilled (add_irpe covers ViT, DeiT, "
-            "DeiT-III, ViTs with registers, DINOv2, CLIP- and SigLIP-style ViTs); windowed or hierarchical attention "
-            "(Swin, MViT, ...) has no single patch grid, and models with attention of their own (EVA, BEiT, RoPE "
-            "ViTs, ...) are not built on timm's Attention"
+            f"{type(model).__module__}.{type(model).__qualname__} is not timm's VisionTransformer or "
+            "VisionTransformerDistilled (add_irpe covers ViT, DeiT, DeiT-III, ViTs with registers, DINOv2, CLIP- and "
+            "SigLIP-style ViTs); windowed or hierarchical attention (Swin, MViT, ...) has no single patch grid, and "
+            "models with attention of their own (EVA, BEiT, RoPE ViTs, ...) are not built on timm's Attention"
         ]
     problems = []
     if _uses_rpe(getattr(model, "rpe_config", None)):
         problems.append("the model has iRPE already (rpe_config is set): build it without an rpe_config instead")
     if type(model.patch_embed) is not PatchEmbed:
-        problems.append(
-            f"its patch embedding is {type(model.patch_embed).__name__}, not timm's PatchEmbed (hybrid CNN stems "
-            "are not supported)"
-        )
+        stem = type(model.patch_embed).__name__
+        problems.append(f"its patch embedding is {stem}, not timm's PatchEmbed (CNN stems are not supported)")
     if not isinstance(model.patch_drop, nn.Identity):
         problems.append("it drops patches (patch_drop_rate > 0), which the iRPE bucket ids of the grid refer to")
     for i, block in enumerate(model.blocks):
@@ -640,39 +483,21 @@ def _retrofit_problems(model: nn.Module) -> list[str]:
     return problems
 
 
-def add_irpe(
-    model: nn.Module,
-    *,
-    ratio: float = 1.9,
-    method: str | irpe.METHOD = "product",
-    mode: str = "ctx",
-    shared_head: bool = True,
-    rpe_on: str = "k",
-    attn_impl: AttnImpl = "auto",
-) -> nn.Module:
+def add_irpe(model: nn.Module, *, attn_impl: AttnImpl = "auto", **rpe_args: Any) -> nn.Module:
     """Put iRPE into every block of a timm ViT, pretrained or not, in place; returns ``model``.
 
     Covers timm's ``VisionTransformer`` (class token or global pooling, register tokens, ``dynamic_img_size``,
     ``dynamic_img_pad``, qk-norm, layer scale, MAP pooling) and ``VisionTransformerDistilled`` built with timm's
-    ``Block`` and ``Attention``, and a ``features_only=True`` wrapper of one (timm's ``FeatureGetterNet``). Each
-    attention becomes :class:`RPEAttention` and each block :class:`RPEBlock` (same parameters, same names), and the
-    model this file's :class:`VisionTransformer` (or :class:`DistilledVisionTransformer`), whose forward hands the
-    blocks the patch grid of every input, as the iRPE models of this project do. So a checkpoint of the original
-    model loads with ``strict=False`` missing only the iRPE tables, and the model computes what it computed before
-    until training moves the tables (they start at zero). The encodings' ``skip`` is the model's prefix-token count
-    (class, register and distillation tokens).
+    ``Block`` and ``Attention``, and timm's ``features_only=True`` wrapper of one. The model becomes this file's
+    :class:`VisionTransformer` (or :class:`DistilledVisionTransformer`), its blocks and attentions ours: the same
+    parameters under the same names, plus zero tables, so it computes what it did until training moves them (and its
+    checkpoints load with ``strict=False``). The ``skip`` of iRPE is the model's prefix-token count.
 
     Args:
         model: the timm model (changed in place).
-        ratio: scale of the piecewise index (``alpha, beta, gamma = ratio * (1, 2, 8)``).
-        method: ``'euc'``, ``'quant'``, ``'cross'``, ``'product'`` or an :class:`irpe.METHOD`.
-        mode: ``'ctx'``/``'contextual'`` or ``'bias'``.
-        shared_head: one table for all heads, or one per head.
-        rpe_on: where the encodings go: any of ``'q'``, ``'k'``, ``'v'``.
         attn_impl: the attention path of every block (see :class:`RPEAttention`).
-
-    Returns:
-        ``model``, with iRPE.
+        **rpe_args: ``ratio``, ``method``, ``mode``, ``shared_head`` and ``rpe_on`` of :func:`irpe.get_rpe_config`
+            (by default contextual product iRPE on keys, ratio 1.9, shared by the heads); or ``**asdict(IRPESpec)``.
 
     Raises:
         ValueError: a model this cannot retrofit (with the reason; the model is left unchanged), or a bad setting.
@@ -681,9 +506,9 @@ def add_irpe(
     problems = _retrofit_problems(target)
     if problems:
         raise ValueError(f"add_irpe cannot put iRPE into this model: {'; '.join(problems)}")
-    config = irpe.get_rpe_config(ratio, method, mode, shared_head, skip=target.num_prefix_tokens, rpe_on=rpe_on)
+    config = irpe.get_rpe_config(**rpe_args, skip=target.num_prefix_tokens)
     if not _uses_rpe(config):
-        raise ValueError(f"mode={mode!r}, rpe_on={rpe_on!r} encode nothing: use mode 'ctx' or 'bias' and rpe_on 'k'")
+        raise ValueError(f"iRPE settings {rpe_args} encode nothing: use mode 'ctx' or 'bias' and rpe_on 'k' or 'qkv'")
     for block in target.blocks:
         _check_attn_impl(attn_impl, config, block.attn.attn_drop.p)
     target.__class__ = _RETROFIT_CLASSES[type(target)]
@@ -691,5 +516,5 @@ def add_irpe(
     for block in target.blocks:
         block.__class__ = RPEBlock
         block.attn.__class__ = RPEAttention
-        block.attn.set_rpe(config, attn_impl=attn_impl, qk_scale=block.attn.scale)
+        block.attn.set_rpe(config, attn_impl=attn_impl)
     return model

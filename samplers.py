@@ -7,17 +7,16 @@ back to about one pass over the data, as DeiT does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sized
 
-import torch
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Sampler
 
 import utils
 
 
 def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    """Fills in world size and rank from ``torch.distributed`` and checks them."""
+    """Fills in world size and rank from ``torch.distributed`` (1 and 0 without a process group) and checks them."""
     num_replicas = utils.get_world_size() if num_replicas is None else int(num_replicas)
     rank = utils.get_rank() if rank is None else int(rank)
     if num_replicas < 1:
@@ -27,25 +26,14 @@ def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, 
     return num_replicas, rank
 
 
-def ra_num_selected(dataset_len: int, num_replicas: int) -> int:
-    """Samples per rank and epoch for repeated augmentation.
-
-    DeiT keeps ``floor(len // 256 * 256 / num_replicas)``: one pass over the data rounded down to a multiple of 256.
-    That is zero for datasets under 256 images, so those fall back to ``ceil(len / num_replicas)`` (one pass).
-    """
-    selected = (dataset_len // 256 * 256) // num_replicas
-    if selected == 0 and dataset_len > 0:
-        selected = math.ceil(dataset_len / num_replicas)
-    return selected
-
-
-class RASampler(Sampler[int]):
-    """Distributed sampler with repeated augmentation, as DeiT's ``RASampler``.
+class RASampler(RepeatAugSampler):
+    """DeiT's ``RASampler``: timm's ``RepeatAugSampler`` (DeiT's code) with a base seed and checked arguments.
 
     Each epoch: shuffle with a generator seeded by ``seed + epoch`` (identical on all ranks), repeat every index
-    ``num_repeats`` times consecutively, pad to a multiple of ``num_replicas``, give rank ``r`` every
+    ``num_repeats`` times consecutively, pad to a multiple of ``num_replicas`` by cycling, give rank ``r`` every
     ``num_replicas``-th index from ``r`` (so the copies of one image land on different ranks), and keep the first
-    ``ra_num_selected`` of them.
+    ``len(self)`` of them: DeiT's ``len // 256 * 256 // num_replicas`` (one pass rounded down to a multiple of 256),
+    or ``ceil(len / num_replicas)`` for datasets under 256 images, where DeiT's rule would give none.
 
     Args:
         dataset: Anything with ``len``.
@@ -67,38 +55,17 @@ class RASampler(Sampler[int]):
     ) -> None:
         if num_repeats < 1:
             raise ValueError(f"num_repeats must be >= 1, got {num_repeats}")
-        self.dataset = dataset
-        self.num_replicas, self.rank = _resolve_replicas(num_replicas, rank)
-        self.shuffle = shuffle
-        self.num_repeats = num_repeats
+        num_replicas, rank = _resolve_replicas(num_replicas, rank)
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, num_repeats=num_repeats)
         self.seed = seed
-        self.epoch = 0
-        n = len(dataset)
-        self.num_samples = math.ceil(n * num_repeats / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
-        self.num_selected_samples = min(ra_num_selected(n, self.num_replicas), self.num_samples)
-
-    def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(n, generator=g).tolist()
-        else:
-            indices = list(range(n))
-        indices = [i for i in indices for _ in range(self.num_repeats)]
-        if indices:
-            while len(indices) < self.total_size:  # pad by cycling (several times if total_size > 2 * len)
-                indices += indices[: self.total_size - len(indices)]
-        shard = indices[self.rank : self.total_size : self.num_replicas]
-        return iter(shard[: self.num_selected_samples])
-
-    def __len__(self) -> int:
-        return self.num_selected_samples
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Sets the epoch that seeds the next shuffle (call it before each epoch, on every rank)."""
-        self.epoch = int(epoch)
+        """Sets the epoch that seeds the next shuffle (call it before each epoch, on every rank).
+
+        timm seeds the shuffle with ``self.epoch``, which is here ``seed + epoch``.
+        """
+        super().set_epoch(self.seed + int(epoch))
 
 
 class ShardedEvalSampler(Sampler[int]):

@@ -10,14 +10,22 @@ op's backward being the other op:
     rpe_bucket_sum(input (B, H, Lq, Lk), index (Lq, Lk), nb)  -> (B, H, Lq, nb),  out[b,h,i,k] = sum_{j: index[i,j]==k}
                                                                                                   input[b,h,i,j]
 
+`serves(tensor)` says whether they run on a tensor (irpe.py's lookups call them where they do, and PyTorch code
+otherwise); `with rpe_ops.disabled():` runs a block without any compiled code of this package, for comparisons and
+debugging; `report()` (printed by `python -m irpe`) says which serves CPU and CUDA tensors, and why.
+
 Build: `cd rpe_ops && python setup.py build_ext --inplace` (see rpe_ops/README.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import importlib
 import importlib.util
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,14 +34,18 @@ from torch import Tensor
 __all__ = [
     "build_info",
     "cuda_capability_supported",
+    "disabled",
     "has_attention_kernel",
     "has_cuda_kernels",
     "is_available",
+    "is_disabled",
     "load_error",
     "register_attention_autograd",
+    "report",
     "rpe_attention",
     "rpe_bucket_sum",
     "rpe_index",
+    "serves",
 ]
 
 BUILD_COMMAND = "cd rpe_ops && python setup.py build_ext --inplace  (or `make ops` from the repository root)"
@@ -180,6 +192,76 @@ def cuda_capability_supported(capability: tuple[int, int], info: dict[str, Any] 
         f"rpe_ops' CUDA kernels were built for {built}, not for this GPU ({name}): rebuild them with "
         f'TORCH_CUDA_ARCH_LIST="{capability[0]}.{capability[1]}" (`make ops`)'
     )
+
+
+# True inside `with disabled():` (of this thread or task).
+_DISABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("rpe_ops_disabled", default=False)
+_SERVED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Runs a `with` block without any compiled code of this package: irpe's lookups and every attention path of
+    irpe_attention take their PyTorch code (the backward of a fused attention run inside the block included). Blocks
+    nest and are local to the thread or task that enters them."""
+    token = _DISABLED.set(True)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)
+
+
+def is_disabled() -> bool:
+    """True inside a `with disabled():` block."""
+    return _DISABLED.get()
+
+
+def serves(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the compiled lookups run on a tensor of this device and dtype (on CUDA: the GPU's compute capability
+    against the built architectures), and why (not). False inside `with disabled():`."""
+    if _DISABLED.get():
+        return False, "inside rpe_ops.disabled()"
+    if _ext is None:
+        return False, _load_error or "not built"
+    if dtype not in _SERVED_DTYPES:
+        return False, f"dtype {dtype} is not supported by the compiled ops"
+    if device.type == "cpu":
+        return True, "compiled CPU kernels"
+    if device.type != "cuda":
+        return False, f"no compiled kernels for device type {device.type!r}"
+    if not has_cuda_kernels():
+        return False, f"rpe_ops has no CUDA kernels: {build_info().get('cuda_skipped') or 'it was built without them'}"
+    if not torch.cuda.is_available():
+        return True, "compiled CUDA kernels"
+    return _cuda_device_support(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_device_support(index: int) -> tuple[bool, str]:
+    """:func:`cuda_capability_supported` for GPU `index`, once per device and process."""
+    return cuda_capability_supported(torch.cuda.get_device_capability(index))
+
+
+def report() -> str:
+    """Which lookups serve CPU and CUDA tensors, and why: what `python -m irpe` prints."""
+    lines = ["iRPE lookups: compiled rpe_ops where they serve the tensor, PyTorch otherwise"]
+    if _ext is None:
+        lines.append(f"rpe_ops: not available: {_load_error}")
+    else:
+        info = build_info()
+        if info["cuda_kernels"]:
+            archs = ", ".join(info["cuda_archs"]) or "architectures unknown"
+            cuda = f"with CUDA kernels ({archs}{', PTX ' + info['cuda_ptx'] if info['cuda_ptx'] else ''})"
+        else:
+            cuda = f"without CUDA kernels ({info['cuda_skipped'] or 'not built'})"
+        lines.append(f"rpe_ops: built {cuda}, at {os.path.dirname(_ext.__file__)}")
+        lines.append(f"  CPU attention kernel: the {info['cpu_isa']} variant (ATEN_CPU_CAPABILITY caps it)")
+    for device in ("cpu", "cuda"):
+        supported, reason = serves(torch.device(device), torch.float32)
+        serving = f"rpe_ops ({reason})" if supported else f"PyTorch fallback ({reason})"
+        note = " (no CUDA device visible here)" if device == "cuda" and not torch.cuda.is_available() else ""
+        lines.append(f"  {device:4s}: {serving}{note}")
+    return "\n".join(lines)
 
 
 def _require() -> None:

@@ -44,6 +44,7 @@ import torch
 
 import irpe
 from irpe import FusedTerm
+from irpe_attention import autocast_disabled
 
 try:
     import triton
@@ -437,7 +438,7 @@ class _TritonRPEAttention(torch.autograd.Function):
             _Combined(query_terms, device, transpose=True, values=False),
             _Combined(value_terms, device, transpose=False, values=True),
         )
-        with irpe.autocast_disabled(device.type), torch.no_grad():
+        with autocast_disabled(device.type), torch.no_grad():
             out, lse, sums = _forward(q, k, v, mask, scale, key_terms, query_terms, combined)
             if value_terms:
                 out = out + sum(
@@ -464,7 +465,7 @@ class _TritonRPEAttention(torch.autograd.Function):
         query_terms = [t for t in terms if t.is_query]
         B, H, L, D = q.shape
         f32 = dict(dtype=torch.float32, device=q.device)
-        with irpe.autocast_disabled(q.device.type), torch.no_grad():
+        with autocast_disabled(q.device.type), torch.no_grad():
             do = _last_dim_contiguous(grad_out)
             qf, kf = q.float(), k.float()
             tk, tk_strides = _tables(key_terms, qf, scale) if key_terms else (q, (0, 0, 0))

@@ -52,7 +52,7 @@ TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 
 def _ops_usable() -> bool:
-    return irpe_attention._ops_attention_usable(torch.device("cpu"))[0]
+    return irpe_attention._compiled_usable("ops", torch.device("cpu"))[0]
 
 
 FUSED = ["sdpa", pytest.param("ops", marks=pytest.mark.skipif(not _ops_usable(), reason="rpe_ops is not built"))]
@@ -353,7 +353,7 @@ def test_main_finetune_from_a_timm_checkpoint(data: Path, tmp_path: Path, caplog
 ERRORS = [
     ("bias-on-values", ["--irpe", "product,bias,qkv"], None, "argument --irpe: bias mode has no encoding on values"),
     ("too-short", ["--irpe", "product"], None, "argument --irpe: 'product' is not an iRPE spec: write METHOD,MODE"),
-    ("yaml-method", [], "irpe: rope,ctx,k\n", "config key 'irpe': unknown iRPE method 'rope': use euc, quant, cross"),
+    ("yaml-method", [], "irpe: rope,ctx,k\n", "irpe: unknown iRPE method 'rope': use euc, quant, cross"),
     ("swin", ["--irpe", "product,ctx,k", "--model", "swin_tiny_patch4_window7_224"], None, "windowed or hierarchical"),
     ("zoo", ["--irpe", "product,ctx,k", "--model", "deit_small_patch16_224_ctx_euc_20_shared_k"], None,
      "the model has iRPE already"),

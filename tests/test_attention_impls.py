@@ -12,7 +12,7 @@ import rpe_models  # noqa: F401  (registers the models)
 import rpe_vision_transformer as rvt
 from tolerances import assert_close_reduction, network_reduction_length, reduction_tol
 
-OPS_KERNEL = irpe_attention._ops_attention_usable(torch.device("cpu"))[0]
+OPS_KERNEL = irpe_attention._compiled_usable("ops", torch.device("cpu"))[0]
 SMALL = dict(img_size=32, depth=2, num_classes=5)
 
 

@@ -142,7 +142,7 @@ def test_gpu_check_dry_run_writes_one_dated_block(tmp_path):
         "pytest -m cuda",
         "benchmark.py, k, qk and qkv models, 224 px",
         "benchmark.py, k, qk and qkv models, 384 px",
-        "qkv DeiT-S step: IRPE_BACKEND ops vs torch, and triton",
+        "qkv DeiT-S step: rpe_ops vs PyTorch lookups, and triton",
         "torchrun --nproc_per_node=1, two steps",
     ):
         assert f"| {step} |" in text, step

@@ -175,7 +175,7 @@ def fake_gpu(monkeypatch):
     without PTX."""
 
     def make(capability: tuple[int, int]) -> None:
-        if irpe.compiled_ops()[0] is None:
+        if not rpe_ops.is_available():
             pytest.skip("rpe_ops is not built")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -183,25 +183,23 @@ def fake_gpu(monkeypatch):
         info = {**rpe_ops.build_info(), **_info(["sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], None)}
         monkeypatch.setattr(rpe_ops, "build_info", lambda: info)
         monkeypatch.setattr(rpe_ops, "has_cuda_kernels", lambda: True)
-        irpe._cuda_device_support.cache_clear()
+        rpe_ops._cuda_device_support.cache_clear()
 
     yield make
-    irpe._cuda_device_support.cache_clear()
+    rpe_ops._cuda_device_support.cache_clear()
 
 
 def test_a_gpu_outside_the_build_takes_the_pytorch_path(fake_gpu) -> None:
     fake_gpu((12, 0))
-    supported, why = irpe.ops_support(torch.device("cuda"), torch.float32)
+    supported, why = rpe_ops.serves(torch.device("cuda"), torch.float32)
     assert not supported and "not for this GPU (sm_120)" in why
-    report = irpe.backend_report()
+    report = rpe_ops.report()
     assert "cuda: PyTorch fallback (rpe_ops' CUDA kernels were built for sm_70" in report
-    assert not irpe._use_ops(_FakeCudaTensor(), "auto")
-    with pytest.raises(RuntimeError, match="sm_120"):  # an explicit 'ops' backend says why it cannot serve
-        irpe._use_ops(_FakeCudaTensor(), "ops")
+    assert not irpe._compiled(_FakeCudaTensor())
 
 
 class _FakeCudaTensor:
-    """What irpe._use_ops reads of a tensor: its device and dtype."""
+    """What irpe._compiled reads of a tensor: its device and dtype."""
 
     device = torch.device("cuda", 0)
     dtype = torch.float32
@@ -209,9 +207,9 @@ class _FakeCudaTensor:
 
 def test_a_gpu_inside_the_build_takes_the_kernels(fake_gpu) -> None:
     fake_gpu((8, 9))
-    supported, why = irpe.ops_support(torch.device("cuda"), torch.float32)
+    supported, why = rpe_ops.serves(torch.device("cuda"), torch.float32)
     assert supported and "sm_89" in why
-    assert irpe._use_ops(_FakeCudaTensor(), "auto")
+    assert irpe._compiled(_FakeCudaTensor())
 
 
 @pytest.mark.cuda

@@ -2,14 +2,11 @@
 
 One table of argv -> expected message. The flags are checked by ``main.validate_args`` before any data or model is
 built, and checkpoints are read before the data, so most rows run ``main.cli`` in-process in milliseconds; the rows
-marked ``needs_model`` build the data and the model (a second or two). Environment-variable cases run a subprocess.
+marked ``needs_model`` build the data and the model (a second or two).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,6 @@ import torch
 import main
 from tools.make_synthetic_dataset import make_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "deit_tiny_patch16_224_ctx_product_50_shared_k"
 
 # Configs: name -> YAML text (bytes: written as is).
@@ -29,43 +25,42 @@ CONFIGS: dict[str, str | bytes] = {
     "epochs_fraction": "epochs: 1.7\n",
     "epochs_list": "epochs: [1, 2]\n",
     "betas_bool": "opt-betas: [0.9, true]\n",
-    "model_number": "model: 18\n",
     "not_utf8": "model: d\xe9it\n".encode("latin-1"),
 }
 
 # (row id, argv with {data} / {ckpt:NAME} / {cfg:NAME} / {file} placeholders, expected message substring)
 CASES = [
-    ("epochs-0", ["--epochs", "0"], "--epochs 0: must be at least 1; train for at least one epoch"),
-    ("epochs-negative", ["--epochs", "-3"], "--epochs -3: must be at least 1"),
-    ("smoothing-1", ["--smoothing", "1"], "--smoothing 1.0: must be in [0, 1)"),
-    ("batch-size-0", ["--batch-size", "0"], "--batch-size 0: must be at least 1"),
-    ("batch-size-negative", ["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
-    ("lr-nan", ["--lr", "nan"], "--lr nan: not a finite number"),
-    ("lr-negative", ["--lr", "-1"], "--lr -1.0: must be at least 0; learning rates cannot be negative"),
-    ("input-size-0", ["--input-size", "0"], "--input-size 0: the image size must be a positive multiple of the patch"),
-    ("input-size-negative", ["--input-size", "-32"], "--input-size -32: the image size must be a positive multiple"),
+    ("epochs-0", ["--epochs", "0"], "argument --epochs: 0 is not an integer >= 1"),
+    ("epochs-negative", ["--epochs", "-3"], "argument --epochs: -3 is not an integer >= 1"),
+    ("smoothing-1", ["--smoothing", "1"], "argument --smoothing: 1 is not a rate in [0, 1)"),
+    ("batch-size-0", ["--batch-size", "0"], "argument --batch-size: 0 is not an integer >= 1"),
+    ("batch-size-negative", ["--batch-size", "-4"], "argument --batch-size: -4 is not an integer >= 1"),
+    ("lr-nan", ["--lr", "nan"], "argument --lr: nan is not a finite number >= 0"),
+    ("lr-negative", ["--lr", "-1"], "argument --lr: -1 is not a finite number >= 0"),
+    ("input-size-0", ["--input-size", "0"], "argument --input-size: 0 is not an integer >= 1"),
+    ("input-size-negative", ["--input-size", "-32"], "argument --input-size: -32 is not an integer >= 1"),
+    ("input-size-8", ["--input-size", "8"], "--input-size 8 is not divisible by the patch size 16 of"),
     ("input-size-huge", ["--input-size", "99984"], "at most 4096 (1024 px) are supported"),
     ("input-size-2048", ["--input-size", "2048"], "--input-size 2048: 16384 patches of 16 px; at most 4096"),
     ("model-resnet18", ["--model", "resnet18"], "--model resnet18 is not a ViT-style model: only models with a patch"),
-    ("drop-path-2", ["--drop-path", "2"], "--drop-path 2.0: must be in [0, 1)"),
-    ("num-workers-negative", ["--num_workers", "-1"], "--num_workers -1: must be at least 0"),
-    ("opt-unknown", ["--opt", "adamz"], "unknown --opt 'adamz': did you mean"),
-    ("opt-bad-prefix", ["--opt", "fast_adamw"], "unknown --opt 'fast_adamw'"),
-    ("sched-unknown", ["--sched", "cosinus"], "unknown --sched 'cosinus': timm's schedulers are cosine, tanh"),
+    ("drop-path-2", ["--drop-path", "2"], "argument --drop-path: 2 is not a rate in [0, 1)"),
+    ("num-workers-negative", ["--num_workers", "-1"], "argument --num_workers: -1 is not an integer >= 0"),
+    ("opt-unknown", ["--opt", "adamz"], "argument --opt: unknown optimizer 'adamz': did you mean"),
+    ("opt-bad-prefix", ["--opt", "fast_adamw"], "unknown optimizer 'fast_adamw'"),
+    ("sched-unknown", ["--sched", "cosinus"], "argument --sched: invalid choice: 'cosinus' (choose from 'cosine'"),
     ("output-dir-is-a-file", ["--output_dir", "{file}"], "is a file, not a directory"),
     ("eval-random-weights", ["--eval"], "--eval without --resume or --pretrained would evaluate randomly initialized"),
     ("attn-flex-cpu-training", ["--attn-impl", "flex"], "FlexAttention has no CPU backward): use auto, ops, sdpa"),
     ("resume-model-list", ["--resume", "{ckpt:model_list}"], "'model' must map parameter names to tensors, got a list"),
     ("resume-model-non-tensor", ["--resume", "{ckpt:model_str}"], "but 'w' holds a str"),
-    ("resume-epoch-string", ["--resume", "{ckpt:epoch_str}"], "'epoch' must be a non-negative integer, got the string"),
+    ("resume-epoch-string", ["--resume", "{ckpt:epoch_str}"], "'epoch' must be a non-negative integer, got '3'"),
     ("resume-no-model", ["--resume", "{ckpt:no_model}"], "has no 'model' entry"),
     ("finetune-model-list", ["--finetune", "{ckpt:model_list}"], "'model' must map parameter names to tensors"),
-    ("cfg-bool-string", ["--config", "{cfg:ema_string}"], "'model-ema': expected true or false, got the string 'no'"),
-    ("cfg-int-bool", ["--config", "{cfg:batch_bool}"], "'batch-size': expected an integer, got true"),
-    ("cfg-int-fraction", ["--config", "{cfg:epochs_fraction}"], "'epochs': expected an integer, got 1.7"),
-    ("cfg-int-list", ["--config", "{cfg:epochs_list}"], "'epochs': expected a single value (an integer), got the list"),
-    ("cfg-list-item", ["--config", "{cfg:betas_bool}"], "'opt-betas': expected a list of numbers, got true"),
-    ("cfg-str-number", ["--config", "{cfg:model_number}"], "'model': expected a string, got 18 (int) (quote it"),
+    ("cfg-bool-string", ["--config", "{cfg:ema_string}"], "key 'model-ema': expected true or false, got 'no'"),
+    ("cfg-int-bool", ["--config", "{cfg:batch_bool}"], "argument --batch-size: 'true' is not an integer"),
+    ("cfg-int-fraction", ["--config", "{cfg:epochs_fraction}"], "argument --epochs: '1.7' is not an integer"),
+    ("cfg-int-list", ["--config", "{cfg:epochs_list}"], "argument --epochs: '[1, 2]' is not an integer"),
+    ("cfg-list-item", ["--config", "{cfg:betas_bool}"], "argument --opt-betas: 'true' is not a number"),
     ("cfg-not-utf8", ["--config", "{cfg:not_utf8}"], "is not UTF-8 text (byte 8: invalid continuation byte)"),
     # These get past the flags: the data and the model are built, then the checkpoint is checked against them.
     (
@@ -132,25 +127,3 @@ def test_adversarial_input_is_one_error_line(files, capsys, argv, expected, requ
 def test_eval_random_init_is_allowed_when_asked(files, capsys):
     assert main.cli(_argv(files, ["--eval", "--eval-random-init"])) == 0
     assert "* Acc@1" in capsys.readouterr().out
-
-
-def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | env
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
-
-
-def test_unknown_irpe_backend_is_one_error_line(files):
-    proc = _run([sys.executable, "main.py", *_argv(files, [])], IRPE_BACKEND="bogus")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip() == (
-        "error: IRPE_BACKEND='bogus' is not an iRPE backend: use auto, torch or ops, or unset it (auto)"
-    )
-
-
-def test_python_m_irpe_fails_when_ops_are_forced_but_missing():
-    # rpe_ops made unimportable (None in sys.modules), as on a machine where the extension was never built.
-    code = "import sys, runpy; sys.modules['rpe_ops'] = None; runpy.run_module('irpe', run_name='__main__')"
-    proc = _run([sys.executable, "-c", code], IRPE_BACKEND="ops")
-    assert proc.returncode != 0
-    assert "rpe_ops: not available" in proc.stdout
-    assert proc.stderr.strip().startswith("error: IRPE_BACKEND=ops but the compiled rpe_ops are unavailable")

@@ -1,21 +1,20 @@
 """Kills a training run inside its save sequence and checks checkpoint.pth, best_checkpoint.pth and log.txt.
 
-The runs are subprocesses that SIGKILL themselves at a named point (``IRPE_TEST_KILL_AT``, see ``utils.kill_point``)
-and report scripted accuracies (a driver wraps ``main.evaluate``), so which epochs improve is known. After every
-kill the files must satisfy the invariant documented in ``main.py`` (above ``save_epoch_outputs``), and after
-resuming: every epoch logged exactly once, the best weights never lost, no temporary file left.
+The runs are subprocesses that SIGKILL themselves at a named point of the writes (``tests/kill_at.py`` patches the
+file system calls of the run's process) and report scripted accuracies (a driver wraps ``main.evaluate``), so which
+epochs improve is known. After every kill the files must satisfy the invariant documented in ``main.py`` (above
+``save_epoch_outputs``), and after resuming: every epoch logged exactly once, the best weights never lost, no
+temporary file left.
 
 Default suite: one chain of four runs with a kill inside each of the three writes (best_checkpoint.pth after its
-rename, log.txt after the append, checkpoint.pth part-written), an old-version output folder repaired on resume,
-and a full disk. ``-m slow``: every kill point on its own, and a kill in epoch 0's checkpoint.pth followed by a
-refused fresh run and a resume from best_checkpoint.pth.
+rename, log.txt after the append, checkpoint.pth part-written), and a full disk. ``-m slow``: every kill point on
+its own, and a kill in epoch 0's checkpoint.pth followed by a refused fresh run and a resume from best_checkpoint.pth.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import utils
 from tools.make_synthetic_dataset import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+KILL_AT = Path(__file__).resolve().parent / "kill_at.py"
 MODEL = "deit_tiny_patch16_224_ctx_product_50_shared_k"
 ACC = [40.0, 60.0, 50.0, 80.0]  # scripted test_acc1 of epochs 0..3: epochs 0, 1 and 3 improve
 
@@ -56,6 +56,7 @@ POINTS = [f"{name}:{step}" for name in ("best_checkpoint.pth", "checkpoint.pth")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     make_dataset(root, num_classes=2, train_per_class=4, val_per_class=2, image_size=32, seed=1)
+    (root / "scripted_main.py").write_text(DRIVER)
     return root
 
 
@@ -66,14 +67,18 @@ def _argv(data: Path, out: Path, epochs: int, resume: bool) -> list[str]:
     return argv + (["--resume", str(out / "checkpoint.pth")] if resume else [])
 
 
+def run_driver(data: Path, argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """The driver on ``argv``, killed at ``kill_at`` (``<point>#<n>``: the n-th time, see tests/kill_at.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    point, _, nth = (kill_at or "").partition("#")
+    prefix = [str(KILL_AT), point, nth or "1"] if kill_at else []
+    cmd = [sys.executable, *prefix, str(data / "scripted_main.py"), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def run(data: Path, out: Path, epochs: int, kill_at: str | None = None) -> subprocess.CompletedProcess:
     """Runs (resuming when out/checkpoint.pth exists) and checks it was killed when asked, else that it succeeded."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", utils.KILL_AT_ENV)}
-    if kill_at:
-        env[utils.KILL_AT_ENV] = kill_at
-    resume = (out / "checkpoint.pth").exists()
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *_argv(data, out, epochs, resume)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_driver(data, _argv(data, out, epochs, (out / "checkpoint.pth").exists()), kill_at)
     expected = -signal.SIGKILL if kill_at else 0
     assert proc.returncode == expected, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -168,30 +173,6 @@ def _scripted(monkeypatch, accs: list[float]) -> None:
     monkeypatch.setattr(main, "evaluate", lambda *a, **k: {**evaluate(*a, **k), "acc1": accs[seen["epoch"]]})
 
 
-def test_resume_repairs_an_output_folder_of_the_old_save_order(data, tmp_path, monkeypatch, capsys):
-    """The old order (log, checkpoint, best) killed between checkpoint and best: best_checkpoint.pth held epoch 0
-    (50%) while max_accuracy said 100%, and the resumed run logged an epoch twice. Resuming now repairs both."""
-    _scripted(monkeypatch, [50.0, 100.0, 70.0])
-    out = tmp_path / "run"
-    assert main.cli(_argv(data, out, 1, resume=False)) == 0
-    shutil.copy(out / "best_checkpoint.pth", tmp_path / "best_epoch0.pth")
-    assert main.cli(_argv(data, out, 2, resume=True)) == 0
-    # What the old code left: best of epoch 0, a checkpoint without test_acc1, epoch 1 logged twice, a torn tail.
-    shutil.copy(tmp_path / "best_epoch0.pth", out / "best_checkpoint.pth")
-    ckpt = _load(out / "checkpoint.pth")
-    del ckpt["test_acc1"]
-    torch.save(ckpt, out / "checkpoint.pth")
-    lines = (out / "log.txt").read_text().splitlines()
-    (out / "log.txt").write_text("\n".join([lines[0], lines[1], lines[1]]) + '\n{"train_lr": 0.00')
-    capsys.readouterr()
-    assert main.cli(_argv(data, out, 3, resume=True)) == 0  # the repair, then epoch 2 (70%: not the best)
-    stdout = capsys.readouterr().out
-    assert "restored from" in stdout and "removed 2 line(s)" in stdout
-    best = _load(out / "best_checkpoint.pth")
-    assert best["epoch"] == 1 and best["max_accuracy"] == 100.0
-    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1, 2]
-
-
 def test_full_disk_is_one_error_line_and_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
     """ENOSPC on the second epoch's checkpoint.pth (its temporary file is /dev/full): one line, the file named."""
     if not os.path.exists("/dev/full"):
@@ -227,15 +208,12 @@ def test_kill_in_the_first_checkpoint_then_a_fresh_run_is_refused_and_best_resum
     out = tmp_path / "run"
     run(data, out, 2, "checkpoint.pth:partial#1")
     assert check_invariant(out, best_epoch=0) == -1
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", utils.KILL_AT_ENV)}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *_argv(data, out, 2, resume=False)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = run_driver(data, _argv(data, out, 2, resume=False))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: --output_dir {out} holds another run (log.txt, best_checkpoint.pth; it reached epoch 0): continue "
         f"it with --resume {out / 'best_checkpoint.pth'}, or pass another --output_dir for a new run"
     )
     argv = [*_argv(data, out, 2, resume=False), "--resume", str(out / "best_checkpoint.pth")]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run_driver(data, argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_final(out, 2)

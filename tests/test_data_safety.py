@@ -116,7 +116,7 @@ def test_wide_images_in_a_folder_dataset(tmp_path: Path) -> None:
     for c, value in (("a", 1000), ("b", 60000)):
         (tmp_path / "train" / c).mkdir(parents=True)
         Image.fromarray(np.full((40, 40), value, np.uint16)).save(tmp_path / "train" / c / "x.png")
-    dataset = datasets.build_image_folder(str(tmp_path / "train"), None, None)
+    dataset = datasets.ImageFolder(str(tmp_path / "train"), None)
     assert [int(np.asarray(dataset[i][0])[0, 0, 0]) for i in range(2)] == [round(1000 / 257), round(60000 / 257)]
 
 
@@ -142,7 +142,7 @@ def test_folder_and_tar_read_the_same_images(tmp_path: Path, ext: str) -> None:
     _write_images(tmp_path / "train", ext)
     (tmp_path / "train" / "n1" / "notes.txt").write_text("not an image")
     _tar(tmp_path / "train", tmp_path / "train.tar")
-    folder = datasets.build_image_folder(str(tmp_path / "train"), None, None)
+    folder = datasets.ImageFolder(str(tmp_path / "train"), None)
     tar = datasets.TarImageDataset(str(tmp_path / "train.tar"), None)
     assert folder.class_to_idx == tar.class_to_idx == {"n0": 0, "n1": 1}
     assert len(folder) == len(tar) == 4
@@ -158,7 +158,7 @@ def test_mixed_extensions_tar_keeps_every_class(tmp_path: Path) -> None:
     _tar(tmp_path / "src" / "a", tmp_path / "train.tar")
     dataset = _train(tmp_path, load_tar=True)
     assert dataset.classes == ["n0", "n1", "n_bmp"] and len(dataset) == 6
-    assert sorted(int(t) for t in dataset.reader.targets) == [0, 0, 1, 1, 2, 2]
+    assert sorted(dataset.targets) == [0, 0, 1, 1, 2, 2]
 
 
 @pytest.mark.parametrize(("mode", "kind"), [("w:gz", "gzip"), ("w:bz2", "bzip2"), ("w:xz", "xz")])
@@ -179,7 +179,7 @@ def test_tar_without_readable_images(tmp_path: Path, content: str) -> None:
         (tmp_path / "src" / "n0").mkdir(parents=True)
         Image.new("RGB", (8, 8)).save(tmp_path / "src" / "n0" / "a.gif")
         _tar(tmp_path / "src", tar_path)
-        expected = "holds no image files .* it holds 1 other file\\(s\\), e.g. n0/a.gif"
+        expected = "holds no image files \\(.jpg/.jpeg/.png"
     else:
         _write_images(tmp_path / "src", ".jpg")
         _tar(tmp_path / "src", tmp_path / "n2.tar")
@@ -191,7 +191,7 @@ def test_tar_without_readable_images(tmp_path: Path, content: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 9. Class folders that are broken links or link to themselves: one-line errors.
+# 9. Class folders that are broken links, loops of links or links to the split: one-line errors.
 
 
 @pytest.mark.parametrize("link", ["to itself", "to the split", "pair loop", "broken"])
@@ -203,14 +203,14 @@ def test_bad_class_folder_link(tmp_path: Path, capsys: pytest.CaptureFixture, li
         expected = "n_self -> n_self cannot be resolved"
     elif link == "to the split":
         os.symlink(".", train / "n_dot")
-        expected = "class folder .*n_dot -> . links to a folder that holds .* itself"
+        expected = r"symbolic link .*n_dot -> \. leads to a folder that holds it \(a cycle\)"
     elif link == "pair loop":
         os.symlink("n_b", train / "n_a")
         os.symlink("n_a", train / "n_b")
         expected = "n_a -> n_b cannot be resolved"
     else:
         os.symlink(tmp_path / "unmounted", train / "n_gone")
-        expected = "n_gone -> .* is a broken symbolic link"
+        expected = "class folder .*n_gone -> .* cannot be resolved"
     with pytest.raises(UserError, match=expected):
         _train(tmp_path)
     argv = ["--model", "deit_tiny_patch16_224_ctx_product_50_shared_k", "--data-path", str(tmp_path), "--device",

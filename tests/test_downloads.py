@@ -1,8 +1,8 @@
 """Checkpoint downloads (models.fetch_checkpoint, models.load_checkpoint) against misbehaving servers on 127.0.0.1.
 
-The cache is keyed by the whole URL, a download becomes a cache file only when complete and loadable, every network
-call has a timeout (``IRPE_DOWNLOAD_TIMEOUT``, short here), only http(s) URLs are fetched, and local files are never
-deleted. Each hanging-server case finishes in about a second.
+The cache is keyed by the whole URL, a failed or unreadable download leaves no cache file, every network call has a
+timeout (``IRPE_DOWNLOAD_TIMEOUT``, short here), only http(s) URLs are fetched, and local files are never deleted.
+Each hanging-server case finishes in about a second.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
-import os
 import socket
 import threading
 import time
@@ -35,8 +34,8 @@ Behaviour = Callable[[http.server.BaseHTTPRequestHandler], None]
 
 
 def load_flag_checkpoint(location: str) -> dict:
-    """How main.py reads --resume, --finetune and --teacher-path: revalidating a cached download with the server."""
-    return models.load_checkpoint(location, revalidate=True, progress=False)
+    """How main.py reads --resume, --finetune and --teacher-path: a URL is downloaded again even when cached."""
+    return models.load_checkpoint(location, refresh=True, progress=False)
 
 
 @dataclass
@@ -46,14 +45,14 @@ class Server:
     url: str
     root: Path
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
-    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (path, headers) of every GET
+    requests: list[str] = field(default_factory=list)  # the path of every GET
     stop: threading.Event = field(default_factory=threading.Event)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         state: Server = self.server.state  # type: ignore[attr-defined]
-        state.requests.append((self.path, dict(self.headers)))
+        state.requests.append(self.path)
         behaviour = state.behaviours.get(self.path)
         if behaviour is not None:
             behaviour(self)
@@ -108,7 +107,7 @@ def _cache_files(hub_dir: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 1. The cache is keyed by the whole URL; --resume URLs are checked with the server.
+# 1. The cache is keyed by the whole URL; --resume URLs are downloaded again.
 
 
 def test_same_file_name_at_two_urls_are_two_downloads(server: Server, hub_dir: Path) -> None:
@@ -130,14 +129,11 @@ def test_zoo_mirrors_do_not_share_cached_files(server: Server, monkeypatch: pyte
         torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)  # loaded weights: exact copies
 
 
-def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir: Path) -> None:
+def test_resume_url_is_downloaded_again(server: Server, hub_dir: Path) -> None:
     path = server.root / "run" / "checkpoint.pth"
     url = f"{server.url}/run/checkpoint.pth"
     _save(path, epoch=1)
-    os.utime(path, (1_000_000_000, 1_000_000_000))
     assert load_flag_checkpoint(url)["epoch"] == 1
-    assert load_flag_checkpoint(url)["epoch"] == 1
-    assert "If-Modified-Since" in server.requests[-1][1], "the cached copy is checked with the server (304)"
     _save(path, epoch=2)  # the next epoch's checkpoint, written later
     assert load_flag_checkpoint(url)["epoch"] == 2
     # zoo weights (immutable releases) are used from the cache without asking the server
@@ -146,7 +142,7 @@ def test_resume_url_is_downloaded_again_when_it_changed(server: Server, hub_dir:
     assert len(server.requests) == count
 
 
-def test_revalidation_failure_keeps_and_names_the_earlier_copy(server: Server, hub_dir: Path) -> None:
+def test_failed_refresh_keeps_and_names_the_earlier_copy(server: Server, hub_dir: Path) -> None:
     _save(server.root / "checkpoint.pth", epoch=1)
     url = f"{server.url}/checkpoint.pth"
     load_flag_checkpoint(url)
@@ -154,11 +150,12 @@ def test_revalidation_failure_keeps_and_names_the_earlier_copy(server: Server, h
     with pytest.raises(UserError, match="503") as info:
         load_flag_checkpoint(url)
     cached = models.cached_download_path(url, hub_dir / "checkpoints")
-    assert f"the copy downloaded earlier, {cached}, was kept" in str(info.value) and cached.is_file()
+    assert f"the copy downloaded earlier was kept (cache file: {cached})" in str(info.value) and cached.is_file()
+    assert models.load_checkpoint_file(cached)["epoch"] == 1
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 2. Short or corrupt downloads never reach the cache; a retry after the server is fixed works.
+# 2. Short or corrupt downloads do not stay in the cache; a retry after the server is fixed works.
 
 
 def _short_body(data: bytes) -> Behaviour:
@@ -182,10 +179,9 @@ def test_bad_download_is_not_cached_and_retry_works(server: Server, hub_dir: Pat
     else:
         path.write_bytes(b"<html>not a checkpoint</html>" if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(PretrainedWeightsError) as info:
-        models.fetch_checkpoint(url, progress=False)
+        load_flag_checkpoint(url)
     message = str(info.value)
-    expected = "received" if damage == "short body" else "not a readable checkpoint"
-    assert expected in message and url in message
+    assert "not a readable checkpoint" in message and "has been deleted" in message and url in message
     assert str(models.cached_download_path(url, hub_dir / "checkpoints")) in message
     assert _cache_files(hub_dir) == [], "nothing cached, no temporary file left behind"
     server.behaviours.clear()  # the server is fixed
@@ -208,22 +204,7 @@ def test_corrupted_cached_download_is_deleted_and_fetched_again(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 3. Nothing hangs: timeouts, a minimum rate, http(s) only.
-
-
-def _trickle(handler: http.server.BaseHTTPRequestHandler) -> None:
-    """Announces a large body and sends 10 bytes every 50 ms (200 bytes/s) until the client goes away."""
-    handler.send_response(200)
-    handler.send_header("Content-Length", str(10**6))
-    handler.end_headers()
-    stop: threading.Event = handler.server.state.stop  # type: ignore[attr-defined]
-    try:
-        while not stop.wait(0.05):
-            handler.wfile.write(b"x" * 10)
-            handler.wfile.flush()
-    except OSError:
-        pass
-    handler.close_connection = True
+# 3. Nothing hangs: timeouts, http(s) only.
 
 
 def _headers_then_silence(handler: http.server.BaseHTTPRequestHandler) -> None:
@@ -247,14 +228,13 @@ def silent_port() -> Iterator[int]:
 
 
 @pytest.mark.parametrize("entry", ["flag", "zoo"])
-@pytest.mark.parametrize("kind", ["never answers", "headers then silence", "trickles"])
+@pytest.mark.parametrize("kind", ["never answers", "headers then silence"])
 def test_hanging_server_times_out(
     server: Server, silent_port: int, hub_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str, entry: str
 ) -> None:
     monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", TIMEOUT)
-    behaviours = {"trickles": _trickle, "headers then silence": _headers_then_silence}
-    if kind in behaviours:
-        server.behaviours[f"/zoo/{NAME}.pth"] = behaviours[kind]
+    if kind == "headers then silence":
+        server.behaviours[f"/zoo/{NAME}.pth"] = _headers_then_silence
     prefix = f"http://127.0.0.1:{silent_port}/zoo/" if kind == "never answers" else f"{server.url}/zoo/"
     url = f"{prefix}{NAME}.pth"
     start = time.monotonic()
@@ -269,28 +249,7 @@ def test_hanging_server_times_out(
     message = str(info.value)
     assert url in message and "timeout 0.5 s" in message and "IRPE_DOWNLOAD_TIMEOUT" in message
     assert str(models.cached_download_path(url, hub_dir / "checkpoints")) in message
-    assert ("stalled" in message) == (kind == "trickles")
-    assert _cache_files(hub_dir) == []
-
-
-def test_slow_download_above_the_minimum_rate_succeeds(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The limit is a rate, not a deadline: 10 kB/s for longer than the timeout is fine."""
-    data = _save(server.root / "slow.pth", epoch=5, size=2048)
-
-    def slow(handler: http.server.BaseHTTPRequestHandler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        for i in range(0, len(data), 2048):
-            handler.wfile.write(data[i : i + 2048])
-            handler.wfile.flush()
-            time.sleep(0.2)
-
-    server.behaviours["/slow.pth"] = slow
-    monkeypatch.setenv("IRPE_DOWNLOAD_TIMEOUT", TIMEOUT)
-    start = time.monotonic()
-    assert load_flag_checkpoint(f"{server.url}/slow.pth")["epoch"] == 5
-    assert time.monotonic() - start > float(TIMEOUT)
+    assert _cache_files(hub_dir) == [] and socket.getdefaulttimeout() is None, "the process-wide timeout is restored"
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:21/zoo/", "s3://bucket/zoo/", "HTTPX://host/zoo/"])
@@ -300,18 +259,6 @@ def test_other_url_schemes_are_refused_up_front(url: str, monkeypatch: pytest.Mo
     monkeypatch.setenv("IRPE_MODEL_ZOO_URL", url)
     with pytest.raises(PretrainedWeightsError, match="only http:// and https://"):
         timm.create_model(NAME, pretrained=True, **SMALL)
-
-
-def test_redirect_to_ftp_is_refused(server: Server) -> None:
-    def redirect(handler: http.server.BaseHTTPRequestHandler) -> None:
-        handler.send_response(302)
-        handler.send_header("Location", "ftp://127.0.0.1:21/checkpoint.pth")
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-
-    server.behaviours["/checkpoint.pth"] = redirect
-    with pytest.raises(UserError, match="not an http\\(s\\) URL"):
-        load_flag_checkpoint(f"{server.url}/checkpoint.pth")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])

@@ -13,6 +13,7 @@ from torch.export import Dim
 import irpe
 import irpe_attention
 import rpe_models  # noqa: F401  (registers the models)
+import rpe_ops
 from tolerances import assert_close_reduction, network_reduction_length
 
 NAME = "deit_tiny_patch16_224_ctx_product_50_shared_k"
@@ -95,8 +96,9 @@ def test_export_dynamic_save_load(name: str, attn_impl: str, tmp_path) -> None:
     Exporting leaves the eager model as it was: no traced tensor in its bucket-id caches, and its clear errors.
     """
     model = _fresh(name, attn_impl=attn_impl, depth=1)
+    calls = irpe._shared_bucket_ids.cache_info()[:2]  # (hits, misses)
     program = torch.export.export(model, (torch.randn(2, 3, 32, 48),), dynamic_shapes=_dynamic_shapes())
-    assert all(not m._bucket_cache for m in model.modules() if isinstance(m, irpe.iRPE))
+    assert irpe._shared_bucket_ids.cache_info()[:2] == calls  # the export computed its ids in the graph
     torch.export.save(program, tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     with torch.no_grad():
@@ -133,7 +135,7 @@ def test_onnx_dynamo_export(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = _fresh(attn_impl="math", depth=1)
     path = tmp_path / "model.onnx"
-    with irpe.use_backend("torch"):
+    with rpe_ops.disabled():
         example = (torch.randn(2, 3, 32, 48),)
         # optimize=False: the graph as exported (the optimiser only folds it; 5 s less on 2 cores)
         torch.onnx.export(model, example, path, dynamo=True, dynamic_shapes=_dynamic_shapes(), optimize=False)

@@ -3,6 +3,7 @@ the module cache, and every user error."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,24 +14,31 @@ import torch
 from torch import nn
 
 import irpe
+import rpe_ops
 from irpe import METHOD
 from tolerances import assert_close_reduction, network_reduction_length
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-OPS = irpe.ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
+OPS = rpe_ops.serves(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
 
 needs_ops = pytest.mark.skipif(not OPS, reason="rpe_ops is not built (make ops)")
 
 
+def _lookups(name: str):
+    """A context for the lookups named ``name``: ``'torch'`` forces the PyTorch code, ``'ops'`` leaves the compiled
+    rpe_ops to serve."""
+    return rpe_ops.disabled() if name == "torch" else contextlib.nullcontext()
+
+
 @pytest.fixture
 def backend(request):
-    """Run a test with the lookup backend named by the parameter, restoring the previous one."""
+    """Run a test on the lookups named by the parameter ('ops': skipped where rpe_ops is not built)."""
     name = request.param
     if name == "ops" and not OPS:
         pytest.skip("rpe_ops is not built")
-    with irpe.use_backend(name):
+    with _lookups(name):
         yield name
 
 
@@ -320,7 +328,8 @@ def test_backends_agree(dtype, rpe_on, mode, method):
     x = torch.randn(2, 3, L, L if rpe_on == "v" else 8, dtype=dtype, requires_grad=True)
     results = []
     for name in ("torch", "ops"):
-        out = module(x, height=5, width=4, backend=name)
+        with _lookups(name):
+            out = module(x, height=5, width=4)
         grads = torch.autograd.grad((out * out.detach().sin()).sum(), [x, *module.parameters()], allow_unused=True)
         results.append((out, grads))
     (out_t, grads_t), (out_o, grads_o) = results
@@ -367,6 +376,8 @@ def test_bucket_sum_accumulates_half_types_in_float32(backend, dtype, device):
     # Both backends accumulate in float32 and round once.
     values = torch.ones(1, 1, 1, 1000, dtype=dtype, device=device)
     index = torch.zeros(1, 1000, dtype=torch.long, device=device)
+    served, why = rpe_ops.serves(values.device, dtype)
+    assert served == (backend == "ops"), why
     sums = irpe.rpe_bucket_sum(values, index, 2)
     assert sums.dtype == dtype
     assert sums[0, 0, 0].tolist() == [1000.0, 0.0]
@@ -389,7 +400,10 @@ def test_square_grid_is_inferred_for_the_configured_skip():
     module = _module(skip=1)
     out = module(torch.randn(1, 2, 1 + 36, 8))
     assert out.shape == (1, 2, 37, 37)
-    assert list(module._bucket_cache)[0][:3] == (6, 6, 1)
+    assert (
+        module.get_bucket_ids(6, 6, 1, torch.device("cpu"))
+        is irpe._shared_bucket_ids(METHOD.PRODUCT, 6, 6, 1, 1.9, 3.8, 15.2, torch.device("cpu"))[0]
+    )
 
 
 @pytest.mark.parametrize("length", [29, 30, 1 + 35])
@@ -428,21 +442,17 @@ def test_grid_that_does_not_match_the_length_is_an_error():
         skip0(torch.randn(1, 2, 29, 8), height=7, width=4)
 
 
-def test_bucket_cache_is_bounded_not_persistent_and_follows_to():
+def test_bucket_ids_are_cached_not_persistent_and_follow_to():
     module = _module(skip=1)
-    for side in range(1, 12):
-        module(torch.randn(1, 2, 1 + side * side, 8))
-    assert len(module._bucket_cache) == 8
-    assert set(module.state_dict()) == {"lookup_table_weight"}
+    ids = module.get_bucket_ids(3, 3, 1, torch.device("cpu"))
     module(torch.randn(1, 2, 1 + 9, 8))
+    assert module.get_bucket_ids(3, 3, 1, torch.device("cpu")) is ids  # computed once per grid, not per call
+    assert module.get_bucket_ids(4, 4, 1, torch.device("cpu")).shape == (17, 17)
+    assert set(module.state_dict()) == {"lookup_table_weight"}
     module.double()
-    assert len(module._bucket_cache) == 0  # moved: ids are rebuilt lazily where the module now lives
-    out = module(torch.randn(1, 2, 1 + 9, 8, dtype=torch.float64))
-    assert out.dtype == torch.float64
-    # Ids are computed once per key, not per call.
-    ids = module._bucket_cache[(3, 3, 1, torch.device("cpu"), torch.long)]
-    module(torch.randn(1, 2, 1 + 9, 8, dtype=torch.float64))
-    assert module._bucket_cache[(3, 3, 1, torch.device("cpu"), torch.long)] is ids
+    assert module(torch.randn(1, 2, 1 + 9, 8, dtype=torch.float64)).dtype == torch.float64
+    module.to("meta")  # the ids of the device the module runs on
+    assert module(torch.randn(1, 2, 1 + 9, 8, device="meta", dtype=torch.float64)).device.type == "meta"
 
 
 def test_modules_with_one_config_share_their_ids_outside_inference_mode():
@@ -584,10 +594,6 @@ def test_module_and_function_errors():
         irpe.rpe_index(table, index.float())
     with pytest.raises(ValueError, match="values have Lk=5 columns but the index has 4"):
         irpe.rpe_bucket_sum(values, index[:, :4], 4)
-    with pytest.raises(ValueError, match="unknown iRPE backend 'fast'"):
-        irpe.rpe_index(table, index, backend="fast")
-    with pytest.raises(ValueError, match="unknown iRPE backend 'fast'"), irpe.use_backend("fast"):
-        pass
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -597,30 +603,24 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_backend_environment_variable():
-    result = _run_python("import irpe; print(irpe.default_backend())", IRPE_BACKEND="torch")
-    assert result.returncode == 0 and result.stdout.strip() == "torch"
-    code = "import irpe\nwith irpe.use_backend('auto'):\n    print(irpe.default_backend())\n"
-    code += "print(irpe.default_backend())"
-    result = _run_python(code, IRPE_BACKEND="torch")
-    assert result.returncode == 0 and result.stdout.split() == ["auto", "torch"]
-    result = _run_python("import irpe", IRPE_BACKEND="fastest")
-    assert result.returncode != 0 and "unknown iRPE backend 'fastest'" in result.stderr
-    code = (
-        "import torch, irpe; print(irpe.rpe_index(torch.zeros(1, 1, 2, 3), torch.zeros(2, 2, dtype=torch.long)).shape)"
+def test_irpe_works_without_rpe_ops():
+    # rpe_ops made unimportable (None in sys.modules), as where irpe.py is copied into a project without it
+    code = "import sys, runpy; sys.modules['rpe_ops'] = None; runpy.run_module('irpe', run_name='__main__')\n"
+    code += (
+        "import irpe, torch; print(irpe.rpe_index(torch.zeros(1, 1, 2, 3), torch.zeros(2, 2, dtype=torch.long)).shape)"
     )
-    result = _run_python(code, IRPE_BACKEND="ops")
-    if OPS:
-        assert result.returncode == 0, result.stderr
-    else:
-        assert result.returncode != 0
-        assert "IRPE_BACKEND=ops cannot serve" in result.stderr and "make ops" in result.stderr
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "rpe_ops is not importable: PyTorch serves every lookup",
+        "torch.Size([1, 1, 2, 2])",
+    ]
 
 
 def test_python_m_irpe_reports_the_backend():
     result = subprocess.run([sys.executable, "-m", "irpe"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "iRPE lookup backend: auto" in result.stdout
+    assert "iRPE lookups: compiled rpe_ops where they serve the tensor, PyTorch otherwise" in result.stdout
     lines = result.stdout.splitlines()
     cpu = next(line for line in lines if line.strip().startswith("cpu"))
     assert ("rpe_ops (compiled CPU kernels)" in cpu) == OPS

@@ -3,6 +3,7 @@ against the explicit formulation), what each path keeps for backward, how a path
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 
@@ -12,9 +13,10 @@ from torch import nn
 
 import irpe
 import irpe_attention
+import rpe_ops
 from tolerances import assert_close_reduction, reduction_tol
 
-OPS = irpe.ops_support(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
+OPS = rpe_ops.serves(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
 needs_ops = pytest.mark.skipif(not OPS, reason="rpe_ops is not built (make ops)")
 
 
@@ -46,10 +48,11 @@ def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4,
     return qkv, modules, (height, width)
 
 
-def _attention_and_grads(impl, qkv, modules, grid, backend=None, grad_dtype=None):
+def _attention_and_grads(impl, qkv, modules, grid, grad_dtype=None, torch_only_forward=False):
     """Output and the gradients of q, k, v and the encodings' parameters; the output's gradient is rounded to
     ``grad_dtype`` (default: the output's dtype), so that a float64 reference can take the one a half run takes."""
-    out = irpe_attention.rpe_attention(*qkv, *modules, *grid, impl=impl, backend=backend)
+    with rpe_ops.disabled() if torch_only_forward else contextlib.nullcontext():
+        out = irpe_attention.rpe_attention(*qkv, *modules, *grid, impl=impl)
     params = [p for m in modules if m is not None for p in m.parameters()]
     # randn of the shape, not normal_() of an empty_like: the paths return different memory layouts
     grad_out = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(3), device=out.device)
@@ -147,14 +150,11 @@ def test_attention_impl_resolution():
         assert resolve("math", has_rpe_v, 0.3, cpu) == "math"
         with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: it is a CPU kernel and the tensors are on"):
             resolve("ops", has_rpe_v, 0.0, meta)
-        # backend 'torch': no compiled code on any path, so auto never takes the kernel and 'ops' is refused
-        assert resolve("auto", has_rpe_v, 0.0, cpu, backend="torch") == "sdpa"
-        with pytest.raises(
-            ValueError, match=r"attn_impl='ops' is the compiled kernel of rpe_ops, but the iRPE backend"
-        ):
-            resolve("ops", has_rpe_v, 0.0, cpu, backend="torch")
-        with irpe.use_backend("torch"):
+        # rpe_ops.disabled(): no compiled code on any path, so auto never takes the kernel and 'ops' is refused
+        with rpe_ops.disabled():
             assert resolve("auto", has_rpe_v, 0.0, cpu) == "sdpa"
+            with pytest.raises(ValueError, match=r"attn_impl='ops' cannot run: inside rpe_ops.disabled\(\)"):
+                resolve("ops", has_rpe_v, 0.0, cpu)
     assert resolve("flex", has_rpe_v=False, dropout_p=0.0) == "flex"
     # An explicit path runs as asked or raises: flex cannot encode values, no fused path applies dropout.
     with pytest.raises(ValueError, match=r"attn_impl='flex' cannot encode values.*use attn_impl='auto' or 'sdpa'"):
@@ -166,48 +166,31 @@ def test_attention_impl_resolution():
     assert resolve("auto", has_rpe_v=True, dropout_p=0.1, device=cpu) == "math"
     with pytest.raises(ValueError, match=r"unknown attention implementation 'fast'; expected one of \('auto'"):
         resolve("fast", False, 0.0)
-    with pytest.raises(ValueError, match=r"unknown iRPE backend 'fast' \(from the backend argument\)"):
-        resolve("auto", False, 0.0, cpu, backend="fast")
 
 
 @pytest.mark.parametrize("impl", ["auto", "sdpa", "math"])
 @pytest.mark.parametrize("rpe_on", ["k", "qkv"])
-def test_torch_backend_runs_no_compiled_code_on_any_path(monkeypatch, impl, rpe_on):
-    # IRPE_BACKEND=torch (here: backend='torch' and use_backend('torch')) must keep every path off rpe_ops: the ops'
+def test_disabled_rpe_ops_run_no_compiled_code_on_any_path(monkeypatch, impl, rpe_on):
+    # Inside rpe_ops.disabled() every path stays off rpe_ops, the backward of a forward run in the block too: the ops'
     # entry points are replaced by ones that fail, and the numbers still equal the default run's.
     qkv, modules, grid = _attention_inputs(dict(method="product", skip=1, rpe_on=rpe_on), torch.float64)
     ref_out, ref_grads = _attention_and_grads(impl, qkv, modules, grid)
 
     def fail(*args, **kwargs):
-        raise AssertionError("compiled rpe_ops called under the torch backend")
+        raise AssertionError("compiled rpe_ops called inside rpe_ops.disabled()")
 
-    ops = irpe.compiled_ops()[0]
-    if ops is not None:
-        for name in ("rpe_index", "rpe_bucket_sum", "rpe_attention"):
-            monkeypatch.setattr(ops, name, fail)
+    for name in ("rpe_index", "rpe_bucket_sum", "rpe_attention"):
+        monkeypatch.setattr(rpe_ops, name, fail)
     monkeypatch.setattr(torch.ops, "rpe_ops", None, raising=False)
-    for context in (irpe.use_backend("torch"), _Explicit("torch")):
-        with context as backend:
-            out, grads = _attention_and_grads(impl, qkv, modules, grid, backend=backend)
-        # float64, the PyTorch lookups against the default backend's: an output reduces a row's L keys (and d); a
+    for whole_step in (True, False):  # forward and backward in the block, or the forward only
+        with rpe_ops.disabled() if whole_step else contextlib.nullcontext():
+            out, grads = _attention_and_grads(impl, qkv, modules, grid, torch_only_forward=True)
+        # float64, the PyTorch lookups against the default ones: an output reduces a row's L keys (and d); a
         # table's gradient sums every (b, h, i, j) logit
         B, H, L, d = qkv[0].shape
         assert_close_reduction(out, ref_out, max(L, d))
         for g, ref in zip(grads, ref_grads):
             assert_close_reduction(g, ref, B * H * L * L)
-
-
-class _Explicit:
-    """A context that only names the backend: the test passes it as the argument."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> str:
-        return self.name
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 @pytest.mark.parametrize("rpe_on", ["k", "qkv", "v"])

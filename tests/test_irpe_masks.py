@@ -23,7 +23,7 @@ from irpe_attention import RPEMultiheadAttention
 from tolerances import assert_close_reduction, reduction_tol
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OPS_KERNEL = irpe_attention._ops_attention_usable(torch.device("cpu"))[0]
+OPS_KERNEL = irpe_attention._compiled_usable("ops", torch.device("cpu"))[0]
 needs_ops = pytest.mark.skipif(not OPS_KERNEL, reason="rpe_ops' attention kernel is not built (make ops)")
 FUSED = ["sdpa", pytest.param("ops", marks=needs_ops)]
 

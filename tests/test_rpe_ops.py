@@ -559,7 +559,7 @@ def test_stale_attention_schema_is_not_used(monkeypatch) -> None:
     import irpe_attention  # noqa: PLC0415
 
     monkeypatch.setattr(rpe_ops, "_attention_kernel", False)
-    usable, why = irpe_attention._ops_attention_usable(torch.device("cpu"))
+    usable, why = irpe_attention._compiled_usable("ops", torch.device("cpu"))
     assert not usable and "rebuild" in why
 
 

@@ -26,6 +26,7 @@ import timm
 import torch
 
 import main
+from kill_at import FileProxy
 from tools.make_synthetic_dataset import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,9 +89,9 @@ def install_quota(root: str | os.PathLike[str], free_pages: int) -> None:
     root = os.path.realpath(root)
     free = [free_pages]
 
-    class QuotaFile:
+    class QuotaFile(FileProxy):
         def __init__(self, f: Any) -> None:
-            self._f = f
+            super().__init__(f)
             self._size = os.fstat(f.fileno()).st_size
 
         def write(self, data: bytes) -> int:
@@ -104,15 +105,6 @@ def install_quota(root: str | os.PathLike[str], free_pages: int) -> None:
             self._size += len(data)
             free[0] -= -(-self._size // PAGE) - pages
             return self._f.write(data)
-
-        def __enter__(self) -> QuotaFile:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self._f.close()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._f, name)
 
     def quota_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = real_open(file, mode, *args, **kwargs)
@@ -300,7 +292,7 @@ def test_tensorboard_write_failing_mid_epoch_keeps_the_events_before(small_disk,
     disk = small_disk(free_pages=1)
     disk.limit(monkeypatch)
     tb = main.TensorBoardLogger(str(disk.root), every=1, steps_per_epoch=1000, output_dir=disk.root)
-    path = tb.writer.path
+    path = tb.path
     with pytest.raises(main.UserError) as info:
         for step in range(1000):  # about 50 bytes a record: the 8 KiB write buffer fills, and its flush fails
             tb.step(step, {"loss": 1.0 / (step + 1), "lr": 1e-3})

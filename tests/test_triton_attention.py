@@ -20,6 +20,7 @@ from torch import nn
 
 import irpe
 import irpe_attention
+import rpe_ops
 from tolerances import assert_close_reduction
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the kernel's tests need it)")
@@ -60,9 +61,10 @@ def _terms(modules, q, k, grid):
 def _reference(qkv, modules, grid, scale, key_padding_mask=None):
     """The paper's formulation in float64 through the modules' own ``forward`` (``irpe_attention``'s math path, whose
     masked keys get probability 0 and whose rows with every key masked give zeros)."""
-    return irpe_attention.rpe_attention(
-        *qkv, *modules, *grid, scale=scale, impl="math", backend="torch", key_padding_mask=key_padding_mask
-    )
+    with rpe_ops.disabled():
+        return irpe_attention.rpe_attention(
+            *qkv, *modules, *grid, scale=scale, impl="math", key_padding_mask=key_padding_mask
+        )
 
 
 def _run(qkv, modules, fn, grad_out):
@@ -231,14 +233,15 @@ def test_rpe_attention_takes_the_kernel_and_says_where_it_cannot_run(monkeypatch
     cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
     for has_rpe_v in (False, True):
         assert resolve("auto", has_rpe_v, 0.0, cuda) == "triton"
-        assert resolve("auto", has_rpe_v, 0.0, cuda, backend="torch") == "sdpa"  # no compiled code under 'torch'
+        with rpe_ops.disabled():
+            assert resolve("auto", has_rpe_v, 0.0, cuda) == "sdpa"  # no compiled code inside rpe_ops.disabled()
         assert resolve("auto", has_rpe_v, 0.1, cuda) == "math"  # dropout
         assert resolve("triton", has_rpe_v, 0.0, cpu) == "triton"  # in the interpreter
         assert resolve("triton", has_rpe_v, 0.0, None) == "triton"  # device unknown (a model being built)
     with pytest.raises(ValueError, match=r"attn_impl='triton' cannot run: the Triton kernel runs on CUDA tensors"):
         resolve("triton", False, 0.0, meta)
-    with pytest.raises(ValueError, match=r"attn_impl='triton' is a compiled kernel, but the iRPE backend is 'torch'"):
-        resolve("triton", False, 0.0, cuda, backend="torch")
+    with rpe_ops.disabled(), pytest.raises(ValueError, match=r"attn_impl='triton' cannot run: inside rpe_ops"):
+        resolve("triton", False, 0.0, cuda)
     with pytest.raises(ValueError, match=r"attn_impl='triton' cannot apply attention dropout"):
         resolve("triton", False, 0.1, cuda)
 
@@ -386,8 +389,9 @@ def test_cuda_lookups_match_the_torch_backend_on_the_zoo_ids(model, img_size):
     # zoo models' own bucket ids: index exactly, bucket sums to float32 rounding over the L keys of a row.
     import rpe_models
 
-    if not irpe.ops_support(torch.device("cuda"), torch.float32)[0]:
-        pytest.fail(f"rpe_ops' CUDA kernels are not loaded: {irpe.ops_support(torch.device('cuda'), torch.float32)[1]}")
+    served, why = rpe_ops.serves(torch.device("cuda"), torch.float32)
+    if not served:
+        pytest.fail(f"rpe_ops' CUDA kernels are not loaded: {why}")
     side = img_size // 16
     module = irpe.build_rpe(rpe_models.rpe_config_of(model), 64, 6)[1]
     for part in [module.rp_rows, module.rp_cols] if isinstance(module, irpe.iRPE_Cross) else [module]:
@@ -396,10 +400,10 @@ def test_cuda_lookups_match_the_torch_backend_on_the_zoo_ids(model, img_size):
         gen = torch.Generator("cuda").manual_seed(0)
         table = torch.randn(8, 6, L, nb, device="cuda", generator=gen)
         probs = torch.randn(8, 6, L, L, device="cuda", generator=gen).softmax(-1)
-        looked_up = irpe.rpe_index(table, index, "ops")
-        torch.testing.assert_close(looked_up, irpe.rpe_index(table, index, "torch"), rtol=0, atol=0)
-        sums = irpe.rpe_bucket_sum(probs, index, nb, "ops")
-        assert_close_reduction(sums, irpe.rpe_bucket_sum(probs.double(), index, nb, "torch"), L)
+        looked_up, sums = irpe.rpe_index(table, index), irpe.rpe_bucket_sum(probs, index, nb)  # the compiled ops
+        with rpe_ops.disabled():
+            torch.testing.assert_close(looked_up, irpe.rpe_index(table, index), rtol=0, atol=0)
+            assert_close_reduction(sums, irpe.rpe_bucket_sum(probs.double(), index, nb), L)
 
 
 # ----------------------------------------------------------------------------------------------------------------

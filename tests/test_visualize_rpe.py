@@ -308,11 +308,11 @@ def test_cli_draws_the_three_pictures(tmp_path, zoo_checkpoint, capsys):
     ("argv", "message"),
     [
         (["buckets", "--method", "polar"], "unknown method 'polar'"),
-        (["buckets", "--grid", "3xq"], "--grid must be HxW"),
+        (["buckets", "--grid", "3xq"], "argument --grid: expected HxW"),
         (["buckets", "--grid", "3x4", "--query", "3,0"], "outside the 3x4 grid"),
         (["buckets", "--ratio", "-1"], "ratio must be a positive number"),
         (["buckets", "--frobnicate"], "unrecognized arguments"),
-        (["buckets", "--dpi", "5"], "--dpi must be in [10, 600]"),
+        (["buckets", "--dpi", "5"], "argument --dpi: must be an integer in [10, 600]"),
         (["encodings"], "pass --checkpoint PATH or --model NAME"),
         (["encodings", "--checkpoint", "/nonexistent.pth"], "no checkpoint file"),
         (["attention", "--model", "deit_tiny_patch16_224"], "has no iRPE tables"),

@@ -11,7 +11,7 @@
 #   4. tools/benchmark.py at bf16, batch 128, 224 and 384 px: the k, qk and qkv models on `triton` and `sdpa` against
 #      timm's plain DeiT-S (flash attention), train throughput and peak memory;
 #   5. one training step of the qkv DeiT-S at batch 128 and 384 px on the sdpa path with the lookups of rpe_ops' CUDA
-#      kernels (IRPE_BACKEND=ops) and of PyTorch (torch), and on the Triton kernel: the same loss and gradients;
+#      kernels and of PyTorch (inside rpe_ops.disabled()), and on the Triton kernel: the same loss and gradients;
 #   6. tools/demo.py --device cuda: float16 AMP with the GradScaler (main.py's CUDA default), eval, resume;
 #   7. torchrun --nproc_per_node=1 (NCCL) for two steps; 8. main.py --compile for four steps.
 # Steps run in order of what their results are worth if the run is cut short. Each step's command, output and status
@@ -194,16 +194,16 @@ fi
 run "probe: rpe_ops CUDA kernels and the Triton kernel ran" 60 "$PY" - "$DEVICE" <<'EOF'
 import sys
 import torch
-import irpe, irpe_attention
+import irpe, irpe_attention, rpe_ops
 from rpe_ops import triton_attention
 
 device = torch.device(sys.argv[1])
-print(irpe.backend_report())
+print(rpe_ops.report())
 if device.type == "cpu":
     print(f"dry run: Triton available: {triton_attention.triton_available()}; CPU needs its interpreter, not probed")
     assert irpe_attention.resolve_attn_impl("auto", True, 0.0, torch.device("cuda")) in ("triton", "sdpa")
     sys.exit(0)
-supported, why = irpe.ops_support(device, torch.float32)
+supported, why = rpe_ops.serves(device, torch.float32)
 assert supported, f"rpe_ops' CUDA kernels are not in use: {why}"
 path = irpe_attention.resolve_attn_impl("auto", True, 0.0, device)
 assert path == "triton", f"auto takes {path!r} on CUDA, not the Triton kernel: {triton_attention.triton_usable(device)}"
@@ -238,11 +238,11 @@ run "benchmark.py, k, qk and qkv models, 384 px" 110 "$PY" tools/benchmark.py --
   "${BENCH_384[@]}"
 
 # 5. One training step of the qkv model: rpe_ops' CUDA lookups vs PyTorch's (sdpa path), and the Triton kernel.
-run "qkv DeiT-S step: IRPE_BACKEND ops vs torch, and triton" 60 "$PY" - "${STEP_ARGS[@]}" <<'EOF'
-import sys
+run "qkv DeiT-S step: rpe_ops vs PyTorch lookups, and triton" 60 "$PY" - "${STEP_ARGS[@]}" <<'EOF'
+import contextlib, sys
 import timm
 import torch
-import irpe, rpe_models  # noqa: F401
+import rpe_models, rpe_ops  # noqa: F401
 from rpe_ops import triton_attention
 
 device, size, batch = torch.device(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -252,6 +252,8 @@ images = torch.randn(batch, 3, size, size, device=device)
 labels = torch.randint(0, 1000, (batch,), device=device)
 state = None
 results = {}
+served, why = rpe_ops.serves(device, torch.float32)
+assert served, f"rpe_ops' lookups do not serve {device}: {why}"
 runs = [("sdpa", "ops"), ("sdpa", "torch")]
 if triton_attention.triton_usable(device)[0]:
     runs.append(("triton", "ops"))
@@ -264,7 +266,8 @@ for impl, backend in runs:
         state = model.state_dict()
     model.load_state_dict(state)
     # bf16 autocast on the GPU; float32 in the dry run (Triton's interpreter computes tl.dot on bf16 wrongly)
-    with irpe.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    lookups = rpe_ops.disabled() if backend == "torch" else contextlib.nullcontext()
+    with lookups, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     results[impl, backend] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
