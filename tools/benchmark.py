@@ -43,20 +43,16 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import _bench as bench  # first: it puts the repository root on sys.path
+import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _cli import UsageError, cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import timm  # noqa: E402
-
-import rpe_models  # noqa: E402, F401  (registers the iRPE models)
+import rpe_models  # noqa: F401  (registers the iRPE models)
 
 # iRPE model -> (target train-time ratio, target memory ratio, target inference ratio) on CPU, at every image size;
 # None: no target.
@@ -75,7 +71,6 @@ TARGET_IMPLS = ("auto", "ops", "sdpa", "triton")
 MMAP_THRESHOLD = "131072"  # bytes; a fixed value also turns off glibc's dynamic threshold
 # --malloc keep: allocations up to glibc's largest mmap threshold (32 MiB) come from the heap, which is never trimmed
 KEEP_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-PLAIN_FOR_SIZE = {"tiny": "deit_tiny_patch16_224", "small": "deit_small_patch16_224", "base": "deit_base_patch16_224"}
 
 
 @dataclass
@@ -111,85 +106,30 @@ def _rss_kib(field_name: str) -> int:
     return int(re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE).group(1))
 
 
-class PeakMemory:
-    """Peak memory of a block above what was in use when it started, in MiB."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak_mib = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-            self._start = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _rss_kib("VmHWM") * 1024
-        self.peak_mib = (peak - self._start) / 2**20
+def peak_train_mib(runner: bench.Runner) -> float:
+    """Peak memory of one train step above what was in use when it started, in MiB (CPU: the resident set's peak,
+    reset through ``/proc/self/clear_refs``; CUDA: the allocator's)."""
+    gc.collect()
+    device = runner.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+        start = _rss_kib("VmRSS") * 1024
+    runner.train_step()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return (peak - start) / 2**20
 
 
-class Runner:
-    """One model with its optimizer and a fixed batch; times train steps and inference passes."""
-
-    def __init__(self, model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
-        self.model = model.to(device)
-        self.device = device
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=5e-4, weight_decay=0.05)
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=generator).to(device)
-        self.targets = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
-        self.amp_dtype = {"none": None, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def train_step(self) -> float:
-        self.model.train()
-        self._sync()
-        start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = F.cross_entropy(self.model(self.images), self.targets)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self._sync()
-        return time.perf_counter() - start
-
-    @torch.inference_mode()
-    def infer(self) -> float:
-        self.model.eval()
-        self._sync()
-        start = time.perf_counter()
-        with self._autocast():
-            self.model(self.images)
-        self._sync()
-        return time.perf_counter() - start
-
-    def peak_train_mib(self) -> float:
-        with PeakMemory(self.device) as peak:
-            self.train_step()
-        return peak.peak_mib
-
-
-def _pair(ours: Runner, plain: Runner, step: int) -> tuple[tuple[str, Runner], tuple[str, Runner]]:
-    """Both runners, keyed, in the order of the step: alternating, so that neither model always runs first."""
-    return (("ours", ours), ("plain", plain)) if step % 2 == 0 else (("plain", plain), ("ours", ours))
+def runners(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> tuple[bench.Runner, ...]:
+    """The iRPE model on path ``impl`` and its plain DeiT, each with an optimizer and a batch at ``args.input_size``."""
+    torch.manual_seed(0)
+    size = args.input_size
+    ours = timm.create_model(model_name, img_size=size, attn_impl=impl)
+    plain = timm.create_model(bench.plain_name(model_name), img_size=size)
+    return tuple(bench.Runner(m, args.batch_size, size, device, args.amp_dtype) for m in (ours, plain))
 
 
 # Profiler keys of the fused attention ops, forward and backward (PyTorch's ``_scaled_dot_product_*attention*``,
@@ -210,17 +150,19 @@ def profiled_split(step: Callable[[], float]) -> tuple[float, float]:
     return attention, rest
 
 
-def breakdown(ours: Runner, plain: Runner, steps: int) -> dict[str, dict[str, float]]:
+def breakdown(ours: bench.Runner, plain: bench.Runner, steps: int) -> dict[str, dict[str, float]]:
     """Attention ops against the rest, for both models: medians of ``steps`` interleaved profiled train steps and
     inference passes (after one unrecorded profiled pass each, which pays the profiler's start-up)."""
     for runner in (ours, plain):
         profiled_split(runner.infer)
+    models = {"ours": ours, "plain": plain}
     parts: dict[str, dict[str, list[tuple[float, float]]]] = {
         kind: {"ours": [], "plain": []} for kind in ("train", "infer")
     }
     for step in range(steps):
         for kind in ("train", "infer"):
-            for key, runner in _pair(ours, plain, step):
+            for key in bench.order(models, step):
+                runner = models[key]
                 parts[kind][key].append(profiled_split(runner.train_step if kind == "train" else runner.infer))
     result = {}
     for kind, by_model in parts.items():
@@ -232,40 +174,27 @@ def breakdown(ours: Runner, plain: Runner, steps: int) -> dict[str, dict[str, fl
     return result
 
 
-def _plain_name(model_name: str) -> str:
-    size = model_name.split("_")[1]
-    if size not in PLAIN_FOR_SIZE:
-        raise ValueError(f"cannot tell the DeiT size of {model_name!r}; expected deit_{{tiny,small,base}}_...")
-    return PLAIN_FOR_SIZE[size]
-
-
 def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> Result:
     """Interleave train steps and inference passes of an iRPE model and its plain DeiT at ``args.input_size``;
     median per-pair ratios."""
-    baseline_name = _plain_name(model_name)
-    torch.manual_seed(0)
-    ours = Runner(timm.create_model(model_name, img_size=args.input_size, attn_impl=impl), args, device)
-    plain = Runner(timm.create_model(baseline_name, img_size=args.input_size), args, device)
+    ours, plain = runners(model_name, impl, args, device)
+    models = {"ours": ours, "plain": plain}
     for _ in range(args.warmup):
         for runner in (ours, plain):
             runner.train_step()
             runner.infer()
-    train = {"ours": [], "plain": []}
-    infer = {"ours": [], "plain": []}
-    faults = {"ours": [], "plain": []}
+    train, infer, faults = ({"ours": [], "plain": []} for _ in range(3))
     for step in range(args.steps):
-        pair = _pair(ours, plain, step)
-        for key, runner in pair:
+        pair = bench.order(models, step)  # alternating, so that neither model always runs first
+        for key in pair:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            train[key].append(runner.train_step())
+            train[key].append(models[key].train_step())
             faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        for key, runner in pair:
-            infer[key].append(runner.infer())
+        for key in pair:
+            infer[key].append(models[key].infer())
     parts = breakdown(ours, plain, args.breakdown) if args.breakdown > 0 else {}
-    del ours, plain
+    del ours, plain, models
     peak_ours, peak_plain = measure_memory(model_name, impl, args, device)
-    train_ratio = statistics.median(a / b for a, b in zip(train["ours"], train["plain"]))
-    infer_ratio = statistics.median(a / b for a, b in zip(infer["ours"], infer["plain"]))
     targets = (CUDA_TARGETS if device.type == "cuda" else CPU_TARGETS).get(model_name, (None, None, None))
     if impl not in TARGET_IMPLS:
         targets = (None, None, None)
@@ -273,15 +202,15 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
     return Result(
         model=model_name,
         attn_impl=impl,
-        baseline=baseline_name,
+        baseline=bench.plain_name(model_name),
         input_size=args.input_size,
         seq_len=1 + (args.input_size // 16) ** 2,
         train_ms=train_ms,
         baseline_train_ms=plain_train_ms,
-        train_ratio=train_ratio,
+        train_ratio=bench.median_ratio(train["ours"], train["plain"]),
         infer_ms=statistics.median(infer["ours"]) * 1e3,
         baseline_infer_ms=statistics.median(infer["plain"]) * 1e3,
-        infer_ratio=infer_ratio,
+        infer_ratio=bench.median_ratio(infer["ours"], infer["plain"]),
         peak_mib=peak_ours,
         baseline_peak_mib=peak_plain,
         memory_ratio=peak_ours / peak_plain if peak_plain > 0 else float("nan"),
@@ -297,15 +226,13 @@ def measure(model_name: str, impl: str, args: argparse.Namespace, device: torch.
 def _peaks(model_name: str, impl: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
     """Peak train-step memory (MiB) of the iRPE model and its plain DeiT, in this process: the minimum of
     ``--memory-repeats`` steps after one warm-up step each."""
-    torch.manual_seed(0)
-    ours = Runner(timm.create_model(model_name, img_size=args.input_size, attn_impl=impl), args, device)
-    plain = Runner(timm.create_model(_plain_name(model_name), img_size=args.input_size), args, device)
+    ours, plain = runners(model_name, impl, args, device)
     ours.train_step()
     plain.train_step()
     peaks = {"ours": [], "plain": []}
     for _ in range(args.memory_repeats):
         for key, runner in (("ours", ours), ("plain", plain)):
-            peaks[key].append(runner.peak_train_mib())
+            peaks[key].append(peak_train_mib(runner))
     return min(peaks["ours"]), min(peaks["plain"])
 
 
@@ -313,25 +240,11 @@ def measure_memory(model_name: str, impl: str, args: argparse.Namespace, device:
     """Peak train-step memory of both models; on CPU in a child process with a fixed glibc mmap threshold."""
     if device.type != "cpu":
         return _peaks(model_name, impl, args, device)
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--memory-child",
-        "--models",
-        model_name,
-        "--impls",
-        impl,
-        "--threads",
-        str(args.threads),
-        "--batch-size",
-        str(args.batch_size),
-        "--img-size",
-        str(args.input_size),
-        "--amp-dtype",
-        args.amp_dtype,
-        "--memory-repeats",
-        str(args.memory_repeats),
-    ]
+    options = {"models": model_name, "impls": impl, "threads": args.threads, "batch-size": args.batch_size,
+               "img-size": args.input_size, "amp-dtype": args.amp_dtype,
+               "memory-repeats": args.memory_repeats}  # fmt: skip
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child"]
+    cmd += [item for name, value in options.items() for item in (f"--{name}", str(value))]
     env = {k: v for k, v in os.environ.items() if k not in KEEP_MALLOC_ENV}
     env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -362,21 +275,17 @@ def _ratio(value: float, baseline: float) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    """Markdown table of the results, with a line per target."""
-    lines = [
-        "| model | attn | img (L) | train ms | plain train ms | train ratio | img/s | infer ms | infer ratio "
-        "| peak MiB | plain peak MiB | memory ratio | page faults/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.model} | {r.attn_impl} | {r.input_size} ({r.seq_len}) | {r.train_ms:.0f} "
-            f"| {r.baseline_train_ms:.0f} | {r.train_ratio:.3f} "
-            f"| {r.train_img_s:.1f} | {r.infer_ms:.0f} | {r.infer_ratio:.3f} | {r.peak_mib:.0f} "
-            f"| {r.baseline_peak_mib:.0f} | {r.memory_ratio:.3f} "
-            f"| {r.train_faults:.0f} / {r.baseline_train_faults:.0f} |"
-        )
-    lines.append("")
+    """Markdown table of the results, with a line per target, the --breakdown table and the memory growth."""
+    header = ["model", "attn", "img (L)", "train ms", "plain train ms", "train ratio", "img/s", "infer ms",
+              "infer ratio", "peak MiB", "plain peak MiB", "memory ratio", "page faults/step"]  # fmt: skip
+    rows = [
+        [r.model, r.attn_impl, f"{r.input_size} ({r.seq_len})", f"{r.train_ms:.0f}", f"{r.baseline_train_ms:.0f}",
+         f"{r.train_ratio:.3f}", f"{r.train_img_s:.1f}", f"{r.infer_ms:.0f}", f"{r.infer_ratio:.3f}",
+         f"{r.peak_mib:.0f}", f"{r.baseline_peak_mib:.0f}", f"{r.memory_ratio:.3f}",
+         f"{r.train_faults:.0f} / {r.baseline_train_faults:.0f}"]
+        for r in results
+    ]  # fmt: skip
+    lines = [bench.markdown_table(header, rows), ""]
     for r in results:
         t = r.targets
         if any(v is not None for v in t.values()):
@@ -388,24 +297,23 @@ def format_table(results: list[Result]) -> str:
             )
     split = [r for r in results if r.breakdown]
     if split:
+        header = ["model", "attn", "img (L)", "step", "attention ms (plain)", "attention ratio",
+                  "other ops ms (plain)", "other ops ratio"]  # fmt: skip
+        rows = [
+            [r.model, r.attn_impl, f"{r.input_size} ({r.seq_len})", kind,
+             f"{b['attention_ms']:.0f} ({b['baseline_attention_ms']:.0f})",
+             _ratio(b["attention_ms"], b["baseline_attention_ms"]),
+             f"{b['rest_ms']:.0f} ({b['baseline_rest_ms']:.0f})", _ratio(b["rest_ms"], b["baseline_rest_ms"])]
+            for r in split
+            for kind, b in r.breakdown.items()
+        ]  # fmt: skip
         lines += [
             *([""] if lines[-1] else []),
             "Where the time goes (profiled self CPU time per step, medians; attention = the fused attention ops, "
             "forward and backward):",
             "",
-            "| model | attn | img (L) | step | attention ms (plain) | attention ratio | other ops ms (plain) "
-            "| other ops ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            bench.markdown_table(header, rows),
         ]
-        for r in split:
-            for kind, b in r.breakdown.items():
-                lines.append(
-                    f"| {r.model} | {r.attn_impl} | {r.input_size} ({r.seq_len}) | {kind} "
-                    f"| {b['attention_ms']:.0f} ({b['baseline_attention_ms']:.0f}) "
-                    f"| {_ratio(b['attention_ms'], b['baseline_attention_ms'])} "
-                    f"| {b['rest_ms']:.0f} ({b['baseline_rest_ms']:.0f}) "
-                    f"| {_ratio(b['rest_ms'], b['baseline_rest_ms'])} |"
-                )
     growth = memory_growth(results)
     if growth:
         lines += ["", "Memory ratio vs sequence length L:", ""]
@@ -422,38 +330,22 @@ def memory_growth(results: list[Result]) -> list[tuple[str, list[tuple[int, floa
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=list(CPU_TARGETS),
-        help="iRPE models to measure (each against timm's plain DeiT of its size)",
-    )
-    parser.add_argument(
-        "--impls", nargs="+", default=["auto"], help="attention implementations: auto math sdpa flex ops triton"
-    )
+    parser = bench.parser(__doc__, warmup=2)
+    models_help = "iRPE models to measure (each against timm's plain DeiT of its size)"
+    parser.add_argument("--models", nargs="+", default=list(CPU_TARGETS), help=models_help)
+    impls_help = "attention implementations: auto math sdpa flex ops triton"
+    parser.add_argument("--impls", nargs="+", default=["auto"], help=impls_help)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--batch-size", type=int, default=8)
+    sizes_help = "image sizes (multiples of 16), each measured in turn, e.g. --img-size 224 384"
     parser.add_argument(
-        "--img-size",
-        "--input-size",
-        dest="img_sizes",
-        type=int,
-        nargs="+",
-        default=[224],
-        help="image sizes (multiples of 16), each measured in turn, e.g. --img-size 224 384",
+        "--img-size", "--input-size", dest="img_sizes", type=int, nargs="+", default=[224], help=sizes_help
     )
     parser.add_argument("--amp-dtype", choices=["none", "float16", "bfloat16"], default="none")
     parser.add_argument("--steps", type=int, default=10, help="measured (interleaved) steps per model")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=2, help="peak memory: the minimum of this many steps")
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "default"],
-        default="keep",
-        help="CPU: time with glibc keeping freed memory mapped (keep, default) or with glibc's defaults",
-    )
+    malloc_help = "CPU: time with glibc keeping freed memory mapped (keep, default) or with glibc's defaults"
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep", help=malloc_help)
     parser.add_argument(
         "--breakdown",
         type=int,
@@ -467,10 +359,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli()
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    device = torch.device(args.device)
-    keep = device.type == "cpu" and args.malloc == "keep" and not args.memory_child
+    cpu = torch.device(args.device).type == "cpu"
+    keep = cpu and args.malloc == "keep" and not args.memory_child
     if keep and any(os.environ.get(k) != v for k, v in KEEP_MALLOC_ENV.items()):
         # glibc reads these at start-up only: run again with them set
         argv = sys.argv[1:] if argv is None else argv
@@ -479,28 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         )
     bad = [size for size in args.img_sizes if size <= 0 or size % 16]
     if bad:
-        print(f"error: --img-size {bad[0]}: expected a positive multiple of the patch size (16)", file=sys.stderr)
-        return 2
-    if args.breakdown < 0 or (args.breakdown > 0 and device.type != "cpu"):
+        raise UsageError(f"--img-size {bad[0]}: expected a positive multiple of the patch size (16)")
+    if args.breakdown < 0 or (args.breakdown > 0 and not cpu):
         what = "a CPU measurement (the profiler's CPU times)" if args.breakdown > 0 else "a count of steps >= 0"
-        print(f"error: --breakdown {args.breakdown}: expected {what}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--breakdown {args.breakdown}: expected {what}")
     args.input_size = args.img_sizes[0]
+    device = bench.device_of(args)
     if args.memory_child:
-        torch.set_num_threads(args.threads)
         ours, plain = _peaks(args.models[0], args.impls[0], args, device)
         print(json.dumps({"ours": ours, "plain": plain}))
         return 0
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
     results = []
     for size in args.img_sizes:
         args.input_size = size
         for model_name in args.models:
-            _plain_name(model_name)  # an iRPE model of a known DeiT size, or the error that says so
+            bench.plain_name(model_name)  # an iRPE model of a known DeiT size, or the error that says so
             for impl in args.impls:
                 reason = path_error(model_name, impl)
                 if reason is not None:  # e.g. flex with iRPE on values: said, and the other paths still run
@@ -517,14 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
-    else:
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-        print(
-            f"# {where}; batch {args.batch_size}, {'/'.join(map(str, args.img_sizes))}px, AMP {args.amp_dtype}; "
-            f"torch {torch.__version__}, timm {timm.__version__}; median of {args.steps} interleaved steps"
-            + (f"; malloc {args.malloc}" if device.type == "cpu" else "")
-        )
-        print(format_table(results))
+        return 0
+    print(
+        f"# {bench.machine(device, args.threads)}; batch {args.batch_size}, "
+        f"{'/'.join(map(str, args.img_sizes))}px, AMP {args.amp_dtype}; torch {torch.__version__}, timm "
+        f"{timm.__version__}; median of {args.steps} interleaved steps" + (f"; malloc {args.malloc}" if cpu else "")
+    )
+    print(format_table(results))
     return 0
 
 

@@ -21,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tools.make_synthetic_dataset import make_dataset  # noqa: E402
+import _bench as bench  # first: it puts the repository root on sys.path
+from make_synthetic_dataset import make_dataset
 
 EPOCH_TIME = re.compile(r"^Epoch: \[0\] Total time: (\d+):(\d\d):(\d\d) \(([\d.]+) s / it\)", re.MULTILINE)
 STEPS = re.compile(r"^Epoch: \[0\]\s+\[\s*\d+/(\d+)\]", re.MULTILINE)
@@ -49,7 +47,7 @@ def epoch_seconds(data: Path, out: Path, env: dict[str, str], busy: int, timeout
         base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
         cmd = [sys.executable, "main.py", "--config", "configs/demo_cpu.yaml", "--epochs", "1", "--device", "cpu",
                "--data-path", str(data), "--output_dir", str(out)]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=bench.ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
     finally:
         for h in hogs:
             h.kill()
@@ -83,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((setting, busy, seconds))
                 print(f"{setting:32s} busy={busy}: {seconds:7.1f} s", flush=True)
     print(f"\n{os.cpu_count()} CPUs; epoch 0 of configs/demo_cpu.yaml ({args.train_per_class * 10} images)")
-    print("| setting | " + " | ".join(f"{b} busy" for b in args.busy) + " |")
-    print("|---|" + "---|" * len(args.busy))
-    for setting in args.settings:
-        cells = [f"{s:.1f} s" for st, b, s in rows if st == setting]
-        print(f"| {setting} | " + " | ".join(cells) + " |")
+    cells = [[setting] + [f"{s:.1f} s" for st, b, s in rows if st == setting] for setting in args.settings]
+    print(bench.markdown_table(["setting", *(f"{b} busy" for b in args.busy)], cells))
     return 0
 
 

@@ -39,17 +39,16 @@ from io import BytesIO
 from pathlib import Path
 from unittest import mock
 
+import _bench as bench  # first: it puts the repository root on sys.path
+import timm
 import torch
+from _cli import UsageError, cli
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import irpe
+import rpe_models  # noqa: F401  (registers the iRPE models)
+import rpe_ops
 
-import timm  # noqa: E402
-from benchmark import _plain_name  # noqa: E402
-
-import irpe  # noqa: E402
-import rpe_models  # noqa: E402, F401  (registers the iRPE models)
-import rpe_ops  # noqa: E402
+ROOT = bench.ROOT
 
 BASELINE_NAMESPACE = "rpe_ops_baseline"
 BUILD_TIMEOUT_S = 900
@@ -125,11 +124,13 @@ def load_baseline(library: Path) -> object:
     return ops
 
 
-def baseline_attention(q, k, v, weights, indices, transposed, scale, value_weights=(), value_indices=()):
+def baseline_attention(
+    q, k, v, weights, indices, transposed, scale, value_weights=(), value_indices=(), attn_mask=None
+):
     """``rpe_ops.rpe_attention`` on the baseline's operator (what ``--model`` swaps in for the baseline's steps)."""
     flags = [int(bool(t)) for t in transposed]
     return getattr(torch.ops, BASELINE_NAMESPACE).rpe_attention.default(
-        q, k, v, list(weights), list(indices), flags, list(value_weights), list(value_indices), float(scale)
+        q, k, v, list(weights), list(indices), flags, list(value_weights), list(value_indices), float(scale), attn_mask
     )
 
 
@@ -173,22 +174,22 @@ def measure(args: argparse.Namespace, baseline: object) -> list[dict]:
     ours = [forward(libraries["this tree"])[0], *forward_backward(libraries["this tree"])]
     theirs = [forward(libraries["baseline"])[0], *forward_backward(libraries["baseline"])]
     difference = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+
+    def timed(fn, ops) -> float:
+        t0 = time.perf_counter()
+        fn(ops)
+        return (time.perf_counter() - t0) * 1e3
+
     rows = []
     for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        times: dict[str, list[float]] = {name: [] for name in libraries}
-        for rep in range(args.warmup + args.reps):
-            order = list(libraries) if rep % 2 == 0 else list(reversed(libraries))
-            for name in order:
-                t0 = time.perf_counter()
-                fn(libraries[name])
-                if rep >= args.warmup:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+        calls = {name: lambda fn=fn, ops=ops: timed(fn, ops) for name, ops in libraries.items()}
+        times = bench.interleave(calls, args.reps, args.warmup)
         rows.append(
             {
                 "pass": label,
                 "baseline_ms": statistics.median(times["baseline"]),
                 "this_ms": statistics.median(times["this tree"]),
-                "ratio": statistics.median(a / b for a, b in zip(times["this tree"], times["baseline"])),
+                "ratio": bench.median_ratio(times["this tree"], times["baseline"]),
                 "max_grad_difference": difference,
             }
         )
@@ -197,111 +198,74 @@ def measure(args: argparse.Namespace, baseline: object) -> list[dict]:
 
 def measure_model(args: argparse.Namespace) -> list[dict]:
     """Median step times of plain DeiT and of ``args.model`` on either kernel, with the per-round ratios."""
-    size = dict(img_size=args.img_size)
-    models = {
-        "plain": timm.create_model(_plain_name(args.model), **size),
-        "irpe": timm.create_model(args.model, **size),
-    }
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
-    labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
-    optimizers = {name: torch.optim.AdamW(model.parameters()) for name, model in models.items()}
+
+    def runner(name: str) -> bench.Runner:
+        model = timm.create_model(name, img_size=args.img_size)
+        return bench.Runner(model, args.batch_size, args.img_size, torch.device("cpu"))
+
+    plain, irpe_model = runner(bench.plain_name(args.model)), runner(args.model)
 
     def step(variant: str) -> float:
-        model = models["plain" if variant == "plain" else "irpe"]
+        runner = plain if variant == "plain" else irpe_model
         swap = mock.patch.object(rpe_ops, "rpe_attention", baseline_attention) if variant == "baseline" else None
-        t0 = time.perf_counter()
         with swap or nullcontext():
-            if args.mode == "infer":
-                with torch.inference_mode():
-                    model.eval()(images)
-            else:
-                optimizer = optimizers["plain" if variant == "plain" else "irpe"]
-                optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(model.train()(images), labels).backward()
-                optimizer.step()
-        return time.perf_counter() - t0
+            return runner.infer() if args.mode == "infer" else runner.train_step()
 
-    variants = ["plain", "baseline", "this tree"]
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(args.warmup + args.reps):
-        for name in variants if rep % 2 == 0 else list(reversed(variants)):
-            elapsed = step(name)
-            if rep >= args.warmup:
-                times[name].append(elapsed * 1e3)
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    calls = {name: lambda name=name: step(name) * 1e3 for name in ("plain", "baseline", "this tree")}
+    times = bench.interleave(calls, args.reps, args.warmup)
     return [
         {
             "pass": f"{args.mode}, {name} kernel",
             "plain_ms": statistics.median(times["plain"]),
             "ms": statistics.median(times[name]),
-            "ratio_to_plain": ratio(name, "plain"),
-            "ratio_to_baseline": ratio(name, "baseline"),
+            "ratio_to_plain": bench.median_ratio(times[name], times["plain"]),
+            "ratio_to_baseline": bench.median_ratio(times[name], times["baseline"]),
         }
         for name in ("baseline", "this tree")
     ]
 
 
 def format_model_table(rows: list[dict]) -> str:
-    lines = ["| step | plain ms | iRPE ms | iRPE / plain | / baseline kernel |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['pass']} | {r['plain_ms']:.0f} | {r['ms']:.0f} | {r['ratio_to_plain']:.3f} | "
-            f"{r['ratio_to_baseline']:.3f} |"
-        )
-    return "\n".join(lines)
+    cells = [(r["pass"], f"{r['plain_ms']:.0f}", f"{r['ms']:.0f}", f"{r['ratio_to_plain']:.3f}",
+              f"{r['ratio_to_baseline']:.3f}") for r in rows]  # fmt: skip
+    return bench.markdown_table(["step", "plain ms", "iRPE ms", "iRPE / plain", "/ baseline kernel"], cells)
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| pass | baseline ms | this tree ms | this tree / baseline |", "|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['pass']} | {r['baseline_ms']:.2f} | {r['this_ms']:.2f} | {r['ratio']:.3f} |")
-    return "\n".join(lines)
+    cells = [(r["pass"], f"{r['baseline_ms']:.2f}", f"{r['this_ms']:.2f}", f"{r['ratio']:.3f}") for r in rows]
+    return bench.markdown_table(["pass", "baseline ms", "this tree ms", "this tree / baseline"], cells)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench.parser(__doc__, reps=30, warmup=3)
     parser.add_argument("--baseline", required=True, help="commit whose kernel to compare with (e.g. HEAD~1)")
-    parser.add_argument("--rpe-on", default="qkv", choices=["k", "q", "qk", "v", "qkv"], help="where the encodings go")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--grid", type=int, default=14, help="patch grid side: L = grid * grid + 1")
-    parser.add_argument("--reps", type=int, default=30, help="timed pairs per pass (--model: rounds of steps)")
-    parser.add_argument("--warmup", type=int, default=3)
+    bench.add_layer_args(parser, rpe_on="qkv")
     parser.add_argument("--model", help="an iRPE model name: time its whole steps instead of one layer")
     parser.add_argument("--img-size", type=int, default=224, help="--model: image size")
     parser.add_argument("--mode", default="train", choices=["train", "infer"], help="--model: step kind")
     return parser
 
 
+@cli()
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not rpe_ops.has_attention_kernel():
-        print("error: this tree's rpe_ops is not built with its CPU attention kernel: run `make ops`", file=sys.stderr)
-        return 2
+        raise UsageError("this tree's rpe_ops is not built with its CPU attention kernel: run `make ops`")
     for name in ("threads", "batch_size", "heads", "head_dim", "grid", "reps"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     if args.model is not None and not timm.is_model(args.model):
-        print(
-            f"error: --model {args.model!r} is not a registered model (the iRPE models: README's model zoo)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError(f"--model {args.model!r} is not a registered model (the iRPE models: README's model zoo)")
     try:
         commit = resolve_commit(args.baseline)
         baseline = load_baseline(build_baseline(commit))
     except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(err) from None
     torch.set_num_threads(args.threads)
     if args.model is not None:
         rows = measure_model(args)
         print(
-            f"# CPU, {args.threads} threads; {args.model} vs {_plain_name(args.model)}, batch {args.batch_size}, "
+            f"# CPU, {args.threads} threads; {args.model} vs {bench.plain_name(args.model)}, batch {args.batch_size}, "
             f"{args.img_size}px, float32, {args.mode}; baseline {commit[:10]}; torch {torch.__version__}; medians "
             f"of {args.reps} interleaved rounds"
         )

@@ -31,17 +31,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import _bench as bench  # first: it puts the repository root on sys.path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import rpe_ops  # noqa: E402
-
-try:
-    import irpe  # noqa: E402
-except ImportError:  # irpe.py absent: inline the same fallback formulas
-    irpe = None
+import irpe
+import rpe_ops
 
 L_TOKENS = 197
 HEAD_DIM = 64
@@ -66,12 +61,9 @@ class Result:
 
 
 def bucket_ids(device: torch.device) -> tuple[Tensor, int]:
-    """Product-method ids of a 14x14 grid plus one class token (ratio 1.9), or random ids without irpe."""
-    if irpe is not None:
-        ids, nb = irpe.get_bucket_ids_2d(irpe.METHOD.PRODUCT, 14, 14, 1, 1.9, 3.8, 15.2)
-        return ids.to(device), nb
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 50, (L_TOKENS, L_TOKENS), generator=g).to(device), 50
+    """Product-method ids of a 14x14 grid plus one class token (ratio 1.9)."""
+    ids, nb = irpe.get_bucket_ids_2d(irpe.METHOD.PRODUCT, 14, 14, 1, 1.9, 3.8, 15.2)
+    return ids.to(device), nb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,17 +71,13 @@ def bucket_ids(device: torch.device) -> tuple[Tensor, int]:
 
 
 def torch_index(table: Tensor, index: Tensor) -> Tensor:
-    if irpe is not None:
-        return irpe.rpe_index(table, index, backend="torch")
-    B, H, Lq, _ = table.shape
-    return torch.gather(table, 3, index.long().expand(B, H, Lq, index.size(1)))
+    with rpe_ops.disabled():  # irpe's PyTorch code
+        return irpe.rpe_index(table, index)
 
 
 def torch_bucket_sum(values: Tensor, index: Tensor, num_buckets: int) -> Tensor:
-    if irpe is not None:
-        return irpe.rpe_bucket_sum(values, index, num_buckets, backend="torch")
-    B, H, Lq, Lk = values.shape
-    return values.new_zeros(B, H, Lq, num_buckets).scatter_add_(3, index.long().expand(B, H, Lq, Lk), values)
+    with rpe_ops.disabled():
+        return irpe.rpe_bucket_sum(values, index, num_buckets)
 
 
 def original_index_fn(index: Tensor, num_buckets: int) -> Callable[[Tensor], Tensor]:
@@ -123,27 +111,22 @@ def values_original(attn: Tensor, weight: Tensor, index: Tensor) -> Tensor:
 # Timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_phase(phase: str, fn: Callable[..., Tensor], inputs: list[Tensor], grad: Tensor, device: torch.device) -> float:
     """One timed run of a phase, in ms."""
     for x in inputs:
         x.grad = None
     if phase == "bwd":
         out = fn(*inputs)
-        sync(device)
+        bench.sync(device)
         start = time.perf_counter()
         out.backward(grad)
     else:
-        sync(device)
+        bench.sync(device)
         start = time.perf_counter()
         out = fn(*inputs)
         if phase == "fwd+bwd":
             out.backward(grad)
-    sync(device)
+    bench.sync(device)
     elapsed = (time.perf_counter() - start) * 1e3
     del out
     return elapsed
@@ -159,30 +142,19 @@ def time_variants(
     reps: int,
 ) -> dict[tuple[str, str], float]:
     """Median ms per (variant, phase); variants interleaved and rotated within every repetition."""
-    names = list(variants)
-    samples: dict[tuple[str, str], list[float]] = {(n, p): [] for n in names for p in phases}
-    for rep in range(warmup + reps):
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            for phase in phases:
-                ms = run_phase(phase, variants[name], inputs, grad, device)
-                if rep >= warmup:
-                    samples[(name, phase)].append(ms)
-    return {key: statistics.median(v) for key, v in samples.items()}
+
+    def all_phases(fn: Callable[..., Tensor]) -> list[float]:
+        return [run_phase(phase, fn, inputs, grad, device) for phase in phases]
+
+    calls = {name: lambda fn=fn: all_phases(fn) for name, fn in variants.items()}
+    times = bench.interleave(calls, reps, warmup, how="rotate")
+    return {(name, p): statistics.median(t[i] for t in times[name]) for name in variants for i, p in enumerate(phases)}
 
 
 def copy_reference_ms(grad: Tensor, device: torch.device, warmup: int, reps: int) -> float:
     """A plain device copy of a tensor of the rpe_index output size (reads and writes it once)."""
-    times = []
-    for rep in range(warmup + reps):
-        sync(device)
-        start = time.perf_counter()
-        out = grad.clone()
-        sync(device)
-        if rep >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-        del out
-    return statistics.median(times)
+    times = bench.interleave({"copy": lambda: run_phase("fwd", torch.clone, [grad], grad, device)}, reps, warmup)
+    return statistics.median(times["copy"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -254,28 +226,16 @@ def find(results: list[Result], **key: object) -> float | None:
 
 def markdown_table(results: list[Result], phases: tuple[str, ...]) -> str:
     """One row per (device, dtype, B, H, op, variant); ms per phase and the fwd+bwd speed-up of ops over it."""
-    lines = [
-        "| device | dtype | B | H | op | variant | "
-        + " | ".join(f"{p} ms" for p in phases)
-        + " | ops speed-up (fwd+bwd) |",
-        "|---" * (7 + len(phases)) + "|",
-    ]
-    seen: list[tuple] = []
-    for r in results:
-        key = (r.device, r.dtype, r.B, r.H, r.op, r.variant)
-        if key not in seen:
-            seen.append(key)
-    for device, dtype, B, H, op, variant in seen:
-        sel = {"device": device, "dtype": dtype, "B": B, "H": H, "op": op}
-        cells = []
-        for phase in phases:
-            ms = find(results, **sel, variant=variant, phase=phase)
-            cells.append("" if ms is None else f"{ms:.2f}")
+    rows = []
+    for key in dict.fromkeys((r.device, r.dtype, r.B, r.H, r.op, r.variant) for r in results):
+        sel = dict(zip(("device", "dtype", "B", "H", "op"), key))
+        cells = [find(results, **sel, variant=key[5], phase=phase) for phase in phases]
         ops_ms = find(results, **sel, variant="ops", phase="fwd+bwd")
-        this_ms = find(results, **sel, variant=variant, phase="fwd+bwd")
+        this_ms = find(results, **sel, variant=key[5], phase="fwd+bwd")
         ratio = "" if not ops_ms or this_ms is None else f"{this_ms / ops_ms:.2f}x"
-        lines.append(f"| {device} | {dtype} | {B} | {H} | {op} | {variant} | " + " | ".join(cells) + f" | {ratio} |")
-    return "\n".join(lines)
+        rows.append([*key, *("" if ms is None else f"{ms:.2f}" for ms in cells), ratio])
+    header = ["device", "dtype", "B", "H", "op", "variant", *(f"{p} ms" for p in phases), "ops speed-up (fwd+bwd)"]
+    return bench.markdown_table(header, rows)
 
 
 def target_lines(results: list[Result]) -> list[str]:
@@ -306,8 +266,7 @@ def target_lines(results: list[Result]) -> list[str]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser = bench.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="smoke run: small batch, few repetitions")
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="devices to measure")
     parser.add_argument("--cases", default=None, help="comma-separated BxH cases, e.g. 64x6,128x12 (default: DeiT-S/B)")
@@ -344,7 +303,7 @@ def main() -> None:
 
     header = (
         f"torch {torch.__version__}, {args.threads} CPU threads, L={L_TOKENS}, nb=50, head_dim={HEAD_DIM} (values: "
-        f"shared W, Hm=1), bucket ids: {'product method (irpe)' if irpe is not None else 'random'}; "
+        f"shared W, Hm=1), bucket ids: product method (irpe); "
         f"median of {reps} after {warmup} warm-up(s), ms"
     )
     if args.json != "-":

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from _cli import cli
+from make_synthetic_dataset import dataset_parser
 from PIL import Image, ImageDraw
 
 # (class name, unit direction of B - A as (dx, dy) in image coordinates, y downwards; "beside" draws the sign of
@@ -168,25 +170,15 @@ def make_dataset(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--train-per-class", type=int, default=150)
-    parser.add_argument("--val-per-class", type=int, default=50)
-    parser.add_argument("--image-size", type=int, default=48)
+    parser = dataset_parser(__doc__, train_per_class=150, val_per_class=50, image_size=48)
     parser.add_argument("--min-sep", type=float, default=None, help="px along the class axis (default: size / 3)")
-    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
+@cli(ValueError)
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        counts = make_dataset(
-            args.out, args.train_per_class, args.val_per_class, args.image_size, args.min_sep, args.seed
-        )
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = make_dataset(args.out, args.train_per_class, args.val_per_class, args.image_size, args.min_sep, args.seed)
     print(f"wrote {counts['train']} train / {counts['val']} val images, {len(CLASS_NAMES)} classes to {args.out}")
     return 0
 

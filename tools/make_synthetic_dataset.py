@@ -138,15 +138,22 @@ def make_dataset(
     return counts
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def dataset_parser(doc: str, train_per_class: int, val_per_class: int, image_size: int) -> argparse.ArgumentParser:
+    """The options every dataset generator takes (output folder, images per class and split, size, seed), with the
+    first paragraph of ``doc`` as description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--val-per-class", type=int, default=30)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--tar", action="store_true", help="also write train.tar and val.tar")
+    parser.add_argument("--train-per-class", type=int, default=train_per_class)
+    parser.add_argument("--val-per-class", type=int, default=val_per_class)
+    parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = dataset_parser(__doc__, train_per_class=100, val_per_class=30, image_size=64)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--tar", action="store_true", help="also write train.tar and val.tar")
     parser.add_argument("--format", default="jpg", choices=("jpg", "png"))
     return parser
 
