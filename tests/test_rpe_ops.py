@@ -653,8 +653,7 @@ def _product_case_results(height: int, width: int, skip: int = 1) -> list[torch.
     return [out, lse, *torch.autograd.grad(out, (q, k, v, *weights, *vw), grad)]
 
 
-# 20 x 20 and 24 x 24 (with 1 and 2 leading tokens) factor; 20 x 23 looks like 20 leading tokens and a 21 x 21 grid to
-# the kernel, whose check then finds ids that do not factor (the key-by-key sums)
+# square and oblong grids, one and two leading tokens; 17 x 17 and larger take several blocks of queries
 PRODUCT_GRIDS = [(5, 5, 1), (4, 7, 1), (14, 14, 1), (17, 17, 1), (20, 20, 1), (24, 24, 2), (20, 23, 1)]
 
 
@@ -684,8 +683,7 @@ def _check_product_case(height: int, width: int, skip: int) -> None:
 
 # The kernel's element-wise loops run in the variant of PyTorch's CPU capability (rpe_attention_cpu.cpp, cpu_isa):
 # ATEN_CPU_CAPABILITY picks it, so each variant the CPU supports is tested, in a process of its own (the choice is
-# made once per process), with the factored bucket sums on and off (RPE_OPS_FACTORED; PRODUCT_GRIDS factor from
-# 20 x 20 on). The test's id names the variant that ran; those the CPU lacks are skipped with that reason.
+# made once per process). The test's id names the variant that ran; those the CPU lacks are skipped with that reason.
 ISA_LEVELS = [("avx512", "x86-64-v4"), ("avx2", "x86-64-v3"), ("default", "baseline")]
 
 
@@ -694,9 +692,8 @@ def _best_isa() -> str:
 
 
 @needs_ops
-@pytest.mark.parametrize("factored", ["factored", "key-by-key"])
 @pytest.mark.parametrize("capability,isa", ISA_LEVELS, ids=[level for _, level in ISA_LEVELS])
-def test_rpe_attention_on_product_ids_matches_its_definition(capability, isa, factored, tmp_path) -> None:
+def test_rpe_attention_on_product_ids_matches_its_definition(capability, isa) -> None:
     levels = [level for _, level in ISA_LEVELS]
     if levels.index(isa) < levels.index(_best_isa()):
         pytest.skip(f"this process runs at most the {_best_isa()} variant (the CPU's best, or ATEN_CPU_CAPABILITY's)")
@@ -712,7 +709,7 @@ def test_rpe_attention_on_product_ids_matches_its_definition(capability, isa, fa
         print("ran", rpe_ops.build_info()["cpu_isa"])
         """
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "RPE_OPS_FACTORED": "1" if factored == "factored" else "0"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ran", isa]
@@ -721,7 +718,7 @@ def test_rpe_attention_on_product_ids_matches_its_definition(capability, isa, fa
 @needs_ops
 def test_rpe_attention_terms_sharing_ids_match_terms_with_their_own() -> None:
     # _product_case passes one ids tensor to three logit terms (one transposed) and the value term: the kernel brings
-    # it to its int32 form, windows and transposed offsets once. Copies per term (int32 for some) must give the same
+    # it to its int32 form and transposed offsets once. Copies per term (int32 for some) must give the same
     # results, bit for bit.
     shared = _product_case_results(4, 7)
     q, k, v, weights, indices, transposed, vw, vi = _product_case(4, 7, requires_grad=True)
@@ -731,71 +728,3 @@ def test_rpe_attention_terms_sharing_ids_match_terms_with_their_own() -> None:
     grads = torch.autograd.grad(out, (q, k, v, *weights, *vw), randn(*out.shape, seed=30))
     for got, want in zip([out, lse, *grads], shared):
         assert torch.equal(got, want)
-
-
-def _product_case_results_with(env_var: str, cases: list[tuple[int, ...]], tmp_path: Path) -> list[list[torch.Tensor]]:
-    """_product_case_results of each case, computed in a new process with env_var=0 (the kernel reads its switches
-    once per process)."""
-    code = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, "tests")
-        from test_rpe_ops import _product_case_results
-        torch.save([_product_case_results(*case) for case in {cases!r}], {str(tmp_path / "results.pt")!r})
-        """
-    )
-    env = {**os.environ, env_var: "0"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return torch.load(tmp_path / "results.pt")
-
-
-@needs_ops
-def test_rpe_attention_windows_match_scalar_gathers(tmp_path) -> None:
-    # RPE_OPS_SIMD=0: every gather takes scalar loads instead of the windows' permutes. The passes and the order of
-    # the additions are the same either way, so the results must be identical, bit for bit.
-    grids = [(5, 5), (4, 7), (14, 14), (17, 17)]  # 17 x 17: two blocks of queries
-    scalar = _product_case_results_with("RPE_OPS_SIMD", grids, tmp_path)
-    for grid, expected in zip(grids, scalar):
-        for got, want in zip(_product_case_results(*grid), expected):
-            assert torch.equal(got, want), f"grid {grid}: largest difference {(got - want).abs().max().item()}"
-
-
-@needs_ops
-def test_rpe_attention_factored_bucket_sums_match_key_by_key_sums(tmp_path) -> None:
-    # RPE_OPS_FACTORED=0: the bucket sums of 24 x 24 product ids go key by key instead of through the ids' factors.
-    # The additions then come in another order: equal to float32 rounding, and not bit for bit (the factored path ran).
-    cases = [(24, 24, 1), (24, 24, 2)]
-    by_key = _product_case_results_with("RPE_OPS_FACTORED", cases, tmp_path)
-    for case, expected in zip(cases, by_key):
-        got = _product_case_results(*case)
-        for g, want in zip(got, expected):
-            assert_close_reduction(g, want.double(), 2 * 3 * (case[2] + 24 * 24) ** 2)  # B * H * L * L terms
-        # the output (through the value term's sums) and the key term's weight gradient (through its table's)
-        assert not torch.equal(got[0], expected[0]) and not torch.equal(got[5], expected[5]), case
-
-
-@needs_ops
-def test_rpe_attention_without_direct_blas_calls() -> None:
-    # RPE_OPS_BLAS=0: the block products go through at::addmm_out instead of the BLAS symbol; same results.
-    code = textwrap.dedent(
-        """
-        import sys, torch
-        sys.path.insert(0, "tests")
-        from test_rpe_ops import _attention_case, _reference_attention, _terms, _value_terms
-        from tolerances import assert_close_reduction
-        import rpe_ops
-        q, k, v, weights, indices, transposed, scale = _attention_case(requires_grad=True)
-        vw, vi = _value_terms(v, q.size(2), requires_grad=True)
-        out, _ = rpe_ops.rpe_attention(q, k, v, weights, indices, transposed, scale, vw, vi)
-        ref, _ = _reference_attention(q, k, v, weights, indices, transposed, scale, vw, vi)
-        assert_close_reduction(out, ref.double(), _terms(q, k))
-        leaves = (q, k, v, *weights, *vw)
-        for g, r in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
-            assert_close_reduction(g, r.double(), _terms(q, k))
-        print("ok")
-        """
-    )
-    env = {**os.environ, "RPE_OPS_BLAS": "0"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -22,7 +22,7 @@
 // S (L, nb): the forward sums each row of the block into S while it is in cache and adds S @ W_v; the backward adds
 // (dO @ W_v^T)[bucket] to the probabilities' gradient and S^T dO to W_v's. Nothing (B, H, Lq, Lk), and no table, is
 // ever allocated, and the op's inputs are the encodings' weights themselves.
-// The matrix products call BLAS on raw (row-strided) matrices.
+// The matrix products are ATen's addmm on strided views of the raw matrices.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -38,28 +38,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "rpe_ops.h"
-
-#ifdef __linux__
-#include <dlfcn.h>
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define RPE_OPS_WINDOWS 1
-#else
-#define RPE_OPS_WINDOWS 0
-#endif
 
 // The element-wise loops are compiled three times on x86-64: for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA) and
 // the baseline, and each call takes the variant of the level that PyTorch's own CPU kernels use (`cpu_isa()`):
@@ -140,7 +127,10 @@ constexpr int64_t kBlockElements = 65536;
 // exp(x) for x <= 0 in float32, written so that loops over it vectorise: round(x / ln 2) by the 1.5 * 2^23 trick,
 // a two-part ln 2, a degree-6 polynomial on |r| <= ln(2) / 2 (relative error below 2e-7) and the power of two built
 // in the exponent bits. Inputs below -87 give 0 instead of a denormal (exp(-87) ~ 1.6e-38 is below float32 resolution
-// of a probability, whose row sum is >= 1), so the masked keys' -inf gives exactly 0, as std::exp does.
+// of a probability, whose row sum is >= 1), so the masked keys' -inf gives exactly 0, as std::exp does. It pays: with
+// std::exp (a library call per element, as neither it nor at::vec's exp vectorises in this build) a DeiT-S layer's
+// forward+backward takes 1.18-1.24x the CPU time, about 3% of a train step (tools/BENCHMARKS.md). The tests check the
+// kernel against the definition in float64, computed with ATen's exp.
 inline float exp_nonpositive(float x) {
   const bool underflow = x < -87.0f;
   x = underflow ? -87.0f : x;
@@ -164,115 +154,12 @@ inline float exp_nonpositive(float x) {
   return underflow ? 0.0f : p * pow2;
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// Factored ids. With iRPE's product method the bucket of query i >= s and key j = s + y * W + x of a W x W patch grid
-// after s leading tokens is A_i[y] + B_i[x]: a[i, y] = ids[i, s + y * W] and b[i, x] = ids[i, s + x] - ids[i, s],
-// checked against every id of the row. A row's bucket sums then take the key rows with one A summed as vectors
-// (DeiT-S: 6-7 distinct A per row), then W read-modify-writes per such sum: about (distinct A) x W updates, 150 at
-// L = 577, instead of Lk. The sums are added in another order than key by key (equal up to float rounding). On
-// narrower grids the key-by-key sums are as fast or faster (W = 14, L = 197: the kernel 1.04x slower with factors;
-// W = 18-20 even; W = 24: 0.94x forward, 0.97x forward+backward; tools/benchmark_kernel_ab.py), so only grids of at
-// least kMinFactorWidth columns are factored.
-constexpr int64_t kMinFactorWidth = 20;
-
-// Whether the factored sums are used (unless RPE_OPS_FACTORED=0; the tests compare both).
-bool use_factors() {
-  static const bool on = [] {
-    const char* env = std::getenv("RPE_OPS_FACTORED");
-    return !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return on;
-}
-
-// The factors of rows [i0, i1) (every row >= s) of (rows x (s + W * W)) ids into a, b (rows x W); false when a row's
-// ids do not factor.
-bool factor_ids(const int32_t* __restrict__ ids, int64_t cols, int64_t s, int64_t W, int32_t* __restrict__ a,
-                int32_t* __restrict__ b, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const int32_t* __restrict__ row = ids + i * cols + s;
-    int32_t* __restrict__ ai = a + i * W;
-    int32_t* __restrict__ bi = b + i * W;
-    for (int64_t x = 0; x < W; ++x) {
-      bi[x] = row[x] - row[0];
-    }
-    uint32_t bad = 0;
-    for (int64_t y = 0; y < W; ++y) {
-      ai[y] = row[y * W];
-      for (int64_t x = 0; x < W; ++x) {
-        bad |= static_cast<uint32_t>(row[y * W + x] != ai[y] + bi[x]);
-      }
-    }
-    if (bad != 0) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// The factors of one ids tensor's rows as the kernels read them (see above).
-struct FactorView {
-  int64_t s = 0, W = 0;
-  const int32_t* a = nullptr;  // (rows x W), or nullptr: the ids do not factor
-  const int32_t* b = nullptr;
-  bool covers(int64_t i) const { return a != nullptr && i >= s; }
-};
-
-// acc[x] = the sum over rows r < n of src[r * W + x].
-template <typename scalar_t>
-inline void sum_rows_impl(scalar_t* __restrict__ acc, const scalar_t* __restrict__ src, int64_t W, int64_t n) {
-  for (int64_t x = 0; x < W; ++x) {
-    acc[x] = src[x];
-  }
-  for (int64_t r = 1; r < n; ++r) {
-    for (int64_t x = 0; x < W; ++x) {
-      acc[x] += src[r * W + x];
-    }
-  }
-}
-RPE_OPS_VARIANTS(void, sum_rows, (float* acc, const float* src, int64_t W, int64_t n), (acc, src, W, n),
-                 { sum_rows_impl(acc, src, W, n); })
-void sum_rows(double* acc, const double* src, int64_t W, int64_t n) { sum_rows_impl(acc, src, W, n); }
-
-// out[n] (+)= sum_{j: ix[j] = n} x[j] over one row i (fv.covers(i)) of factored ids (accumulate: add to out, else
-// overwrite it); acc holds W elements.
-template <typename scalar_t>
-void factored_bucket_sum_row(const scalar_t* __restrict__ x, const int32_t* __restrict__ ix, const FactorView& fv,
-                             int64_t i, int64_t nb, scalar_t* __restrict__ acc, scalar_t* __restrict__ out,
-                             bool accumulate) {
-  if (!accumulate) {
-    std::fill(out, out + nb, scalar_t(0));
-  }
-  for (int64_t j = 0; j < fv.s; ++j) {
-    out[ix[j]] += x[j];
-  }
-  const int64_t W = fv.W;
-  const int32_t* __restrict__ a = fv.a + i * W;
-  const int32_t* __restrict__ b = fv.b + i * W;
-  const scalar_t* __restrict__ grid = x + fv.s;
-  for (int64_t y = 0; y < W;) {
-    int64_t y1 = y + 1;
-    while (y1 < W && a[y1] == a[y]) {
-      ++y1;
-    }
-    sum_rows(acc, grid + y * W, W, y1 - y);
-    scalar_t* __restrict__ o = out + a[y];
-    for (int64_t c = 0; c < W; ++c) {
-      o[b[c]] += acc[c];
-    }
-    y = y1;
-  }
-}
-
 // One logit term as the kernels read it, for the current (b, h): the bias of logit (i, j) is
 // rows[i * sr + ids[i * Lk + j]]. A term on keys has sr = nb (its (Lq x nb) table) or sr = 0 (a bias: the weight's
 // row); a transposed term keeps its table transposed, (nb x Lk), with sr = 0 and ids[i * Lk + j] = index[j, i] * Lk
 // + j: row by row its lookups then walk the keys forwards through at most nb table rows, as a term on keys does
 // (reading the (Lk x nb) table instead costs a cache line per key). In the backward, grad (laid out as rows)
 // receives the bucket sums of the logits' gradient.
-//
-// A float32 term on keys with nb >= kWindow buckets is gathered in a pass of its own (own_pass), through its ids'
-// windows (see "Windowed ids" below) when the CPU has AVX2: a permute per 8 keys instead of 8 loads. The passes, and
-// so the order of the additions, do not depend on whether the windows are there.
 template <typename scalar_t>
 struct TermView {
   const scalar_t* rows;
@@ -281,104 +168,7 @@ struct TermView {
   bool transposed;
   scalar_t* grad;
   int64_t nb;
-  bool own_pass = false;
-  const int32_t* window_base = nullptr;  // (rows x Lk / kWindow), or nullptr: no windows
-  const uint8_t* window_rel = nullptr;   // (rows x Lk)
-  FactorView factors;                    // a term on keys: its ids' factors, if they factor
 };
-
-// ---------------------------------------------------------------------------------------------------------------------
-// Windowed ids. iRPE's bucket ids change slowly along a row (neighbouring keys sit at neighbouring relative
-// positions): of the product method's chunks of 8 keys, 41448 of 41544 at L = 577 and 4672 of 4728 at L = 197 span
-// at most 8 buckets (the others hold the class token's column). The 8 lookups of such a chunk in one table row are
-// one load of the 8 table entries from the chunk's smallest id on and one permute (AVX2 `vpermps`) instead of 8
-// scalar loads. Per chunk the kernels keep base = that smallest id (lowered to nb - 8 if larger, so that the load
-// stays inside the table's row), or -1 when the chunk's ids span more than 8 buckets (its keys then read the int32
-// ids), and per key rel = id - base as a uint8.
-constexpr int64_t kWindow = 8;
-
-// Whether float32 gathers use the windows (AVX2 code): where the x86-64-v3 or v4 variants run, unless RPE_OPS_SIMD=0
-// (the two paths load the same values; the tests compare them bit for bit).
-bool use_windows() {
-#if RPE_OPS_WINDOWS
-  static const bool on = [] {
-    const char* env = std::getenv("RPE_OPS_SIMD");
-    return cpu_isa() != CpuIsa::kBaseline && !(env != nullptr && std::strcmp(env, "0") == 0);
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
-
-// The windows of rows [i0, i1) of (rows x cols) ids in [0, nb), nb >= kWindow: base (rows x cols / kWindow) and rel
-// (rows x cols; the tail of a row, past its last whole chunk, is 0).
-void window_ids(const int32_t* __restrict__ ids, int64_t rows, int64_t cols, int64_t nb, int32_t* __restrict__ base,
-                uint8_t* __restrict__ rel, int64_t i0, int64_t i1) {
-  const int64_t chunks = cols / kWindow;
-  const auto top = static_cast<int32_t>(nb - kWindow);
-  for (int64_t i = i0; i < i1; ++i) {
-    const int32_t* __restrict__ row = ids + i * cols;
-    uint8_t* __restrict__ rel_row = rel + i * cols;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int32_t* __restrict__ x = row + c * kWindow;
-      int32_t lo = x[0], hi = x[0];
-      for (int64_t l = 1; l < kWindow; ++l) {
-        lo = std::min(lo, x[l]);
-        hi = std::max(hi, x[l]);
-      }
-      const int32_t b = hi - lo < kWindow ? std::min(lo, top) : -1;
-      base[i * chunks + c] = b;
-      for (int64_t l = 0; l < kWindow; ++l) {
-        rel_row[c * kWindow + l] = static_cast<uint8_t>(b >= 0 ? x[l] - b : 0);
-      }
-    }
-    std::fill(rel_row + chunks * kWindow, rel_row + cols, uint8_t{0});
-  }
-}
-
-#if RPE_OPS_WINDOWS
-// table[ids[l]] for the 8 keys of a chunk: by scalar loads, or through the chunk's window (base b >= 0, offsets rel).
-__attribute__((target("avx2"), always_inline)) inline __m256 chunk_lookup_avx2(const float* __restrict__ table,
-                                                                             const int32_t* __restrict__ ids) {
-  return _mm256_setr_ps(table[ids[0]], table[ids[1]], table[ids[2]], table[ids[3]], table[ids[4]], table[ids[5]],
-                        table[ids[6]], table[ids[7]]);
-}
-__attribute__((target("avx2"), always_inline)) inline __m256 chunk_lookup_avx2(const float* __restrict__ table,
-                                                                             const int32_t* __restrict__ ids,
-                                                                             int32_t b,
-                                                                             const uint8_t* __restrict__ rel) {
-  if (b < 0) {
-    return chunk_lookup_avx2(table, ids);
-  }
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rel)));
-  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + b), idx);
-}
-
-// row[j] (+)= table[id(j)] (+ table2[ids2[j]]) over one row of windowed ids (kOverwrite: row[j] = ...); a second
-// term without windows (table2 not null: a transposed term) is read in the same pass.
-template <bool kOverwrite>
-__attribute__((target("avx2"))) void window_gather_row_avx2(float* __restrict__ row, const float* __restrict__ table,
-                                                           int64_t Lk, const int32_t* __restrict__ ids,
-                                                           const int32_t* __restrict__ base,
-                                                           const uint8_t* __restrict__ rel,
-                                                           const float* __restrict__ table2,
-                                                           const int32_t* __restrict__ ids2) {
-  const int64_t chunks = Lk / kWindow;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kWindow;
-    __m256 g = chunk_lookup_avx2(table, ids + j0, base[c], rel + j0);
-    if (table2 != nullptr) {
-      g = _mm256_add_ps(g, chunk_lookup_avx2(table2, ids2 + j0));
-    }
-    _mm256_storeu_ps(row + j0, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(row + j0), g));
-  }
-  for (int64_t j = chunks * kWindow; j < Lk; ++j) {
-    const float g = table[ids[j]] + (table2 != nullptr ? table2[ids2[j]] : 0.0f);
-    row[j] = kOverwrite ? g : row[j] + g;
-  }
-}
-#endif
 
 // row[j] (+)= table[ids[j]] for one row (overwrite: row[j] = ...).
 template <typename scalar_t>
@@ -394,6 +184,12 @@ inline void gather_row_impl(scalar_t* __restrict__ row, const scalar_t* __restri
     }
   }
 }
+RPE_OPS_VARIANTS(void, gather_row, (float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite),
+                 (row, table, Lk, ids, overwrite), { gather_row_impl(row, table, Lk, ids, overwrite); })
+void gather_row(double* row, const double* table, int64_t Lk, const int32_t* ids, bool overwrite) {
+  gather_row_impl(row, table, Lk, ids, overwrite);
+}
+
 // row[j] (+)= (table[ids[j]] + table2[ids2[j]]): two terms in one pass.
 template <typename scalar_t>
 inline void gather_pair_impl(scalar_t* __restrict__ row, const scalar_t* __restrict__ table,
@@ -418,62 +214,23 @@ void gather_pair_row(double* row, const double* table, const int32_t* ids, const
                      int64_t Lk, bool overwrite) {
   gather_pair_impl(row, table, ids, table2, ids2, Lk, overwrite);
 }
-RPE_OPS_VARIANTS(void, gather_row_scalar, (float* row, const float* table, int64_t Lk, const int32_t* ids, bool overwrite),
-                 (row, table, Lk, ids, overwrite), { gather_row_impl(row, table, Lk, ids, overwrite); })
-void gather_row_scalar(double* row, const double* table, int64_t Lk, const int32_t* ids, bool overwrite) {
-  gather_row_impl(row, table, Lk, ids, overwrite);
-}
-// row[j] (+)= table[ids[j]] (+ table2[ids2[j]] when table2 is not null) for one row, through the windows when base is
-// not null (float32 only); the sums are the same either way.
-template <typename scalar_t>
-void gather_row(scalar_t* row, const scalar_t* table, int64_t Lk, const int32_t* ids, const int32_t* base,
-                const uint8_t* rel, bool overwrite, const scalar_t* table2 = nullptr, const int32_t* ids2 = nullptr) {
-#if RPE_OPS_WINDOWS
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (base != nullptr) {
-      overwrite ? window_gather_row_avx2<true>(row, table, Lk, ids, base, rel, table2, ids2)
-                : window_gather_row_avx2<false>(row, table, Lk, ids, base, rel, table2, ids2);
-      return;
-    }
-  }
-#endif
-  (void)base;
-  (void)rel;
-  if (table2 != nullptr) {
-    gather_pair_row(row, table, ids, table2, ids2, Lk, overwrite);
-  } else {
-    gather_row_scalar(row, table, Lk, ids, overwrite);
-  }
-}
 
-// Reductions over kLanes independent partial results: a plain `acc += x[j]` loop is a serial dependency the compiler
-// may not reorder (float addition is not associative), so it would not vectorise.
-constexpr int64_t kLanes = 16;
-
+// Row reductions as OpenMP SIMD reductions (-fopenmp or -fopenmp-simd), which let the compiler keep partial results
+// in vector lanes: float addition is not associative, so a plain `acc += x[j]` loop stays a serial chain, and GCC
+// keeps a plain select reduction scalar, as it may not reorder selects that NaNs or signed zeros could tell apart
+// (rows with a NaN give NaN outputs either way).
 template <typename scalar_t>
-inline scalar_t lane_sum(const scalar_t* __restrict__ x, int64_t n) {
-  scalar_t acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      acc[l] += x[j + l];
-    }
-  }
-  for (; j < n; ++j) {
-    acc[0] += x[j];
-  }
+inline scalar_t simd_sum(const scalar_t* __restrict__ x, int64_t n) {
   scalar_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum += acc[l];
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    sum += x[j];
   }
   return sum;
 }
 
-// A maximum as an OpenMP SIMD reduction (-fopenmp or -fopenmp-simd): without it GCC keeps a select reduction scalar,
-// as it may not reorder selects that NaNs or signed zeros could tell apart; rows with a NaN give NaN outputs either
-// way.
 template <typename scalar_t>
-inline scalar_t lane_max(const scalar_t* __restrict__ x, int64_t n) {
+inline scalar_t simd_max(const scalar_t* __restrict__ x, int64_t n) {
   scalar_t m = -std::numeric_limits<scalar_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
@@ -483,80 +240,50 @@ inline scalar_t lane_max(const scalar_t* __restrict__ x, int64_t n) {
 }
 
 template <typename scalar_t>
-inline scalar_t lane_dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
-  scalar_t acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      acc[l] += x[j + l] * y[j + l];
-    }
-  }
-  for (; j < n; ++j) {
-    acc[0] += x[j] * y[j];
-  }
+inline scalar_t simd_dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
   scalar_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum += acc[l];
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    sum += x[j] * y[j];
   }
   return sum;
 }
 
 // row[j] = bias(i, j), the sum over the terms (n_terms >= 1) of a gather from one row of a term's table, or from its
-// transposed table. The block's product s q k^T is then added by BLAS (beta = 1), which spares BLAS its pass that
-// zeroes the block for beta = 0 and this loop a load of the row. A term with a pass of its own takes the next term
-// without one along (q and k in one pass); the rest go two per pass.
+// transposed table, two terms per pass. The block's product s q k^T is then added by BLAS (beta = 1), which spares
+// BLAS its pass that zeroes the block for beta = 0 and this loop a load of the row.
 template <typename scalar_t>
 void set_bias_row(scalar_t* row, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms, int64_t i) {
-  int64_t cursor = 0;  // over the terms without a pass of their own, in order
-  auto next_shared = [&]() -> const TermView<scalar_t>* {
-    while (cursor < n_terms && terms[cursor].own_pass) {
-      ++cursor;
-    }
-    return cursor < n_terms ? terms + cursor++ : nullptr;
-  };
-  bool first = true;
-  for (int64_t t = 0; t < n_terms; ++t) {
-    const TermView<scalar_t>& term = terms[t];
-    if (!term.own_pass) {
-      continue;
-    }
-    const TermView<scalar_t>* other = next_shared();
-    const bool windows = term.window_base != nullptr;
-    gather_row(row, term.rows + i * term.sr, Lk, term.ids + i * Lk,
-               windows ? term.window_base + i * (Lk / kWindow) : nullptr, windows ? term.window_rel + i * Lk : nullptr,
-               first, other != nullptr ? other->rows + i * other->sr : nullptr,
-               other != nullptr ? other->ids + i * Lk : nullptr);
-    first = false;
-  }
-  while (const TermView<scalar_t>* a = next_shared()) {
-    if (const TermView<scalar_t>* b = next_shared()) {
-      gather_pair_row(row, a->rows + i * a->sr, a->ids + i * Lk, b->rows + i * b->sr, b->ids + i * Lk, Lk, first);
+  for (int64_t t = 0; t < n_terms; t += 2) {
+    const TermView<scalar_t>& a = terms[t];
+    if (t + 1 < n_terms) {
+      const TermView<scalar_t>& b = terms[t + 1];
+      gather_pair_row(row, a.rows + i * a.sr, a.ids + i * Lk, b.rows + i * b.sr, b.ids + i * Lk, Lk, t == 0);
     } else {
-      gather_row(row, a->rows + i * a->sr, Lk, a->ids + i * Lk, nullptr, nullptr, first);
+      gather_row(row, a.rows + i * a.sr, Lk, a.ids + i * Lk, t == 0);
     }
-    first = false;
   }
 }
 
-RPE_OPS_VARIANTS(float, row_max, (const float* row, int64_t n), (row, n), { return lane_max(row, n); })
-double row_max(const double* row, int64_t n) { return lane_max(row, n); }
+RPE_OPS_VARIANTS(float, row_max, (const float* row, int64_t n), (row, n), { return simd_max(row, n); })
+double row_max(const double* row, int64_t n) { return simd_max(row, n); }
 
-RPE_OPS_VARIANTS(float, row_dot, (const float* x, const float* y, int64_t n), (x, y, n), { return lane_dot(x, y, n); })
-double row_dot(const double* x, const double* y, int64_t n) { return lane_dot(x, y, n); }
+RPE_OPS_VARIANTS(float, row_dot, (const float* x, const float* y, int64_t n), (x, y, n), { return simd_dot(x, y, n); })
+double row_dot(const double* x, const double* y, int64_t n) { return simd_dot(x, y, n); }
 
 // row[j] = exp(row[j] - shift) (every row[j] <= shift); returns the sum.
 RPE_OPS_VARIANTS(float, exp_shift_sum, (float* __restrict__ row, int64_t n, float shift), (row, n, shift), {
   for (int64_t j = 0; j < n; ++j) {
     row[j] = exp_nonpositive(row[j] - shift);
   }
-  return lane_sum(row, n);
+  return simd_sum(row, n);
 })
 
 double exp_shift_sum(double* __restrict__ row, int64_t n, double shift) {
   for (int64_t j = 0; j < n; ++j) {
     row[j] = std::exp(row[j] - shift);
   }
-  return lane_sum(row, n);
+  return simd_sum(row, n);
 }
 
 // grad[j] = prob[j] * (grad[j] - delta): the logits' gradient from the probabilities' gradient.
@@ -658,14 +385,11 @@ void scatter_add_row(const double* x, int64_t Lk, const int32_t* ix, double* gra
 // Sums the logits' gradient of row i into the buckets of every term; scratch holds kCopies * nb elements.
 template <typename scalar_t>
 void bucket_sum_row(const scalar_t* __restrict__ g, int64_t Lk, const TermView<scalar_t>* terms, int64_t n_terms,
-                    int64_t i, scalar_t* __restrict__ scratch, scalar_t* __restrict__ grid_sums) {
+                    int64_t i, scalar_t* __restrict__ scratch) {
   for (int64_t t = 0; t < n_terms; ++t) {
     const TermView<scalar_t>& term = terms[t];
     if (term.transposed) {
       scatter_add_row(g, Lk, term.ids + i * Lk, term.grad);
-    } else if (term.factors.covers(i)) {
-      factored_bucket_sum_row(g, term.ids + i * Lk, term.factors, i, term.nb, grid_sums, term.grad + i * term.nb,
-                              /*accumulate=*/true);
     } else {
       bucket_sum_one_row(g, Lk, term.ids + i * Lk, term.nb, scratch, term.grad + i * term.nb, /*accumulate=*/true);
     }
@@ -694,128 +418,12 @@ inline void value_row_backward(scalar_t* __restrict__ dp, const scalar_t* __rest
   reduce_copies(scratch, nb, out, /*accumulate=*/false);
 }
 
-#if RPE_OPS_WINDOWS
-// value_row_backward over windowed ids: dp's gathers through the windows, the bucket sums of p in the same pass.
-template <bool kOverwrite>
-__attribute__((target("avx2"))) void window_value_row_backward_avx2(
-    float* __restrict__ dp, const float* __restrict__ p, int64_t Lk, const float* __restrict__ table,
-    const int32_t* __restrict__ ix, const int32_t* __restrict__ base, const uint8_t* __restrict__ rel, int64_t nb,
-    float* __restrict__ scratch, float* __restrict__ out) {
-  static_assert(kWindow % kCopies == 0, "a chunk spreads its keys over the copies");
-  std::fill(scratch, scratch + kCopies * nb, 0.0f);
-  const int64_t chunks = Lk / kWindow;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t j0 = c * kWindow;
-    const __m256 g = chunk_lookup_avx2(table, ix + j0, base[c], rel + j0);
-    _mm256_storeu_ps(dp + j0, kOverwrite ? g : _mm256_add_ps(_mm256_loadu_ps(dp + j0), g));
-    for (int64_t l = 0; l < kWindow; ++l) {
-      scratch[(l % kCopies) * nb + ix[j0 + l]] += p[j0 + l];
-    }
-  }
-  const int64_t grouped = Lk / kCopies * kCopies;  // value_row_backward's keys in its groups of kCopies
-  for (int64_t j = chunks * kWindow; j < Lk; ++j) {
-    dp[j] = kOverwrite ? table[ix[j]] : dp[j] + table[ix[j]];
-    scratch[(j < grouped ? j % kCopies : 0) * nb + ix[j]] += p[j];
-  }
-  reduce_copies(scratch, nb, out, /*accumulate=*/false);
-}
-#endif
-
-// value_row_backward, through the windows when base is not null (float32 on AVX2).
-template <typename scalar_t>
-void value_row_backward_any(scalar_t* dp, const scalar_t* p, int64_t Lk, const scalar_t* table, const int32_t* ix,
-                            const int32_t* base, const uint8_t* rel, int64_t nb, scalar_t* scratch, scalar_t* out,
-                            bool overwrite) {
-#if RPE_OPS_WINDOWS
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (base != nullptr) {
-      overwrite ? window_value_row_backward_avx2<true>(dp, p, Lk, table, ix, base, rel, nb, scratch, out)
-                : window_value_row_backward_avx2<false>(dp, p, Lk, table, ix, base, rel, nb, scratch, out);
-      return;
-    }
-  }
-#endif
-  (void)base;
-  (void)rel;
-  value_row_backward(dp, p, Lk, table, ix, nb, scratch, out, overwrite);
-}
-
-// ---------------------------------------------------------------------------------------------------------------------
-// Block products. Going through the dispatcher (at::addmm_out) costs microseconds per call, and the kernels make
-// five calls per block: when the BLAS that ATen itself uses exports its Fortran `sgemm_`/`dgemm_` (MKL in the x86
-// wheels), the products call it directly; otherwise they take at::addmm_out.
-
-using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                          const int*, const float*, const int*, const float*, float*, const int*);
-using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-                          const int*, const double*, const int*, const double*, double*, const int*);
-
-// RPE_OPS_BLAS=0 forces the dispatcher path (tests cover both).
-void* find_blas_symbol(const char* name) {
-  const char* env = std::getenv("RPE_OPS_BLAS");
-  if (env != nullptr && std::strcmp(env, "0") == 0) {
-    return nullptr;
-  }
-#ifdef __linux__
-  static void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  if (torch_cpu != nullptr) {
-    if (void* f = dlsym(torch_cpu, name)) {
-      return f;
-    }
-  }
-  return nullptr;
-#else
-  (void)name;
-  return nullptr;
-#endif
-}
-
-template <typename scalar_t>
-struct Blas;
-template <>
-struct Blas<float> {
-  static sgemm_fn get() {
-    static const auto f = reinterpret_cast<sgemm_fn>(find_blas_symbol("sgemm_"));
-    return f;
-  }
-};
-template <>
-struct Blas<double> {
-  static dgemm_fn get() {
-    static const auto f = reinterpret_cast<dgemm_fn>(find_blas_symbol("dgemm_"));
-    return f;
-  }
-};
-
 // c (m x n) = beta * c + alpha * op(a) @ op(b) on row-major matrices with row strides lda, ldb, ldc: op(a) is a
 // (m x k) or, with ta, the transpose of a stored (k x m); likewise op(b) (k x n). With beta = 0, c is not read.
+// ATen's addmm on strided views of the raw matrices, which calls the BLAS ATen was built with (MKL in the x86 wheels).
 template <typename scalar_t>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, scalar_t alpha, const scalar_t* a, int64_t lda,
           const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
-  if (m == 0 || n == 0) {
-    return;
-  }
-  if (k == 0) {  // no products: c = beta * c
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t col = 0; col < n; ++col) {
-        c[r * ldc + col] = beta == scalar_t(0) ? scalar_t(0) : beta * c[r * ldc + col];
-      }
-    }
-    return;
-  }
-  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  const auto f = Blas<scalar_t>::get();
-  // Column-major BLAS sees the row-major c as c^T = op(b)^T op(a)^T, so b goes first; each ld must cover the stored
-  // matrix's row (an ld left over from a size-1 dim may not), or the call takes the dispatcher instead.
-  const bool direct = f != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kIntMax && ldc >= n &&
-                      lda >= (ta ? m : k) && ldb >= (tb ? k : n);
-  if (direct) {
-    const char transa = tb ? 'T' : 'N', transb = ta ? 'T' : 'N';
-    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
-    const int lda_ = static_cast<int>(ldb), ldb_ = static_cast<int>(lda), ldc_ = static_cast<int>(ldc);
-    f(&transa, &transb, &mi, &ni, &ki, &alpha, b, &lda_, a, &ldb_, &beta, c, &ldc_);
-    return;
-  }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
     return at::from_blob(const_cast<scalar_t*>(p), {rows, cols},
@@ -912,10 +520,6 @@ struct TermSpec {
   int64_t table_offset;  // of its table in a thread's workspace (contextual terms)
   int64_t grad_offset;   // of its table's gradient in a thread's workspace (backward)
   int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward)
-  bool own_pass = false;                 // a float32 term on keys with nb >= kWindow (see TermView)
-  const int32_t* window_base = nullptr;  // its ids' windows, or nullptr
-  const uint8_t* window_rel = nullptr;
-  FactorView factors;  // a term on keys: its ids' factors, if they factor
   int64_t head_stride() const { return Hw == 1 ? 0 : (contextual ? d * nb : nb); }
 };
 
@@ -927,9 +531,6 @@ struct ValueSpec {
   const int32_t* ids;
   int64_t block_offset;   // of its (rows_per_block x nb) buffers in a thread's workspace, in units of rows_per_block
   int64_t weight_offset;  // of its weight's gradient in a thread's accumulator (backward), after the logit terms'
-  const int32_t* window_base = nullptr;  // its ids' windows (float32, nb >= kWindow, AVX2), or nullptr
-  const uint8_t* window_rel = nullptr;
-  FactorView factors;  // its ids' factors, if they factor
   int64_t head_stride() const { return Hw == 1 ? 0 : nb * dv; }
 };
 
@@ -963,7 +564,7 @@ RPE_OPS_VARIANTS(void, add_key_offsets, (int32_t* __restrict__ ids, int64_t rows
                    }
                  })
 
-// Per-call passes over the ids (cast, offsets, windows) run in parallel in pieces of about this many ids.
+// Per-call passes over the ids (cast, offsets) run in parallel in pieces of about this many ids.
 constexpr int64_t kIdsGrain = int64_t{1} << 15;
 
 // Rows per piece of such a pass over ids with cols columns.
@@ -1000,71 +601,13 @@ at::Tensor transposed_offsets(const at::Tensor& ids) {
   return offsets;
 }
 
-// Whether a term on keys (or values) with nb buckets is read in a pass of its own: float32 and nb >= kWindow.
-bool own_pass(int64_t nb, at::ScalarType dtype) { return dtype == at::kFloat && nb >= kWindow; }
-
-// One ids tensor in the kernels' forms, each built on first use: the int32 ids, their windows (float32 terms with a
-// pass of their own, on AVX2) and a transposed term's offsets. The terms of one call that pass the same ids tensor
-// with the same nb share them: iRPE's encodings on queries, keys and values of a layer look up one ids tensor.
+// One ids tensor in the kernels' forms: the int32 ids and, built on first use, a transposed term's offsets. The terms
+// of one call that pass the same ids tensor with the same nb share them: iRPE's encodings on queries, keys and
+// values of a layer look up one ids tensor.
 struct KernelIds {
   const c10::TensorImpl* source;
   int64_t nb;
-  at::Tensor ids, base, rel, offsets, factor_a, factor_b;
-  bool factors_checked = false;
-  FactorView factor_view;
-
-  // The factors of the ids' rows when the keys are s < W leading tokens and a W x W grid and every row from s on
-  // factors (see "Factored ids"); otherwise a view without factors.
-  FactorView factors() {
-    if (factors_checked) {
-      return factor_view;
-    }
-    factors_checked = true;
-    const int64_t rows = ids.size(0), cols = ids.size(1);
-    int64_t W = 0;
-    while ((W + 1) * (W + 1) <= cols) {
-      ++W;
-    }
-    const int64_t s = cols - W * W;
-    if (!use_factors() || W < kMinFactorWidth || s >= W || rows <= s) {
-      return factor_view;
-    }
-    factor_a = at::empty({rows, W}, ids.options());
-    factor_b = at::empty({rows, W}, ids.options());
-    const int32_t* x = ids.const_data_ptr<int32_t>();
-    int32_t* a = factor_a.mutable_data_ptr<int32_t>();
-    int32_t* b = factor_b.mutable_data_ptr<int32_t>();
-    std::atomic<bool> ok{true};
-    at::parallel_for(s, rows, rows_grain(cols), [&](int64_t i0, int64_t i1) {
-      if (!factor_ids(x, cols, s, W, a, b, i0, i1)) {
-        ok = false;
-      }
-    });
-    if (ok) {
-      factor_view = FactorView{s, W, a, b};
-    }
-    return factor_view;
-  }
-
-  // The windows of the ids, or {nullptr, nullptr} without AVX2 (or with RPE_OPS_SIMD=0) and for fewer than kWindow
-  // keys.
-  std::pair<const int32_t*, const uint8_t*> windows() {
-    const int64_t rows = ids.size(0), cols = ids.size(1);
-    if (!use_windows() || cols < kWindow || rows == 0) {
-      return {nullptr, nullptr};
-    }
-    if (!base.defined()) {
-      base = at::empty({rows, cols / kWindow}, ids.options());
-      rel = at::empty({rows, cols}, ids.options().dtype(at::kByte));
-      const int32_t* x = ids.const_data_ptr<int32_t>();
-      int32_t* b = base.mutable_data_ptr<int32_t>();
-      uint8_t* r = rel.mutable_data_ptr<uint8_t>();
-      at::parallel_for(0, rows, rows_grain(cols), [&](int64_t i0, int64_t i1) {
-        window_ids(x, rows, cols, nb, b, r, i0, i1);
-      });
-    }
-    return {base.const_data_ptr<int32_t>(), rel.const_data_ptr<uint8_t>()};
-  }
+  at::Tensor ids, offsets;
 
   const int32_t* transposed() {
     if (!offsets.defined()) {
@@ -1082,7 +625,6 @@ struct Terms {
   std::vector<ValueSpec> values;
   int64_t table_elements = 0, grad_elements = 0, weight_elements = 0, max_nb = 0;
   int64_t value_nb = 0;  // sum of the value terms' nb: a block's bucket sums take rows_per_block * value_nb
-  int64_t max_factor_width = 0;  // the widest factored grid of a term (a thread's buffer of summed key rows)
 };
 
 // The kernels' forms of an ids tensor with nb buckets: those of an earlier term of the call with the same tensor and
@@ -1133,17 +675,9 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
     TORCH_CHECK(!tr || rows * nb < (int64_t{1} << 31), op, ": term ", t, ": table too large (", rows, " x ", nb, ")");
     KernelIds& ids = kernel_ids(op, terms, index, nb);
     terms.weights.push_back(weight.contiguous());
-    TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
-                  tr ? ids.transposed() : ids.ids.const_data_ptr<int32_t>(), terms.table_elements,
-                  terms.grad_elements, terms.weight_elements};
-    spec.own_pass = !tr && own_pass(nb, q.scalar_type());
-    if (spec.own_pass) {
-      std::tie(spec.window_base, spec.window_rel) = ids.windows();
-    }
-    if (!tr) {
-      spec.factors = ids.factors();
-      terms.max_factor_width = std::max(terms.max_factor_width, spec.factors.W);
-    }
+    const TermSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), d, nb, rows, ctx, tr,
+                        tr ? ids.transposed() : ids.ids.const_data_ptr<int32_t>(), terms.table_elements,
+                        terms.grad_elements, terms.weight_elements};
     terms.table_elements += ctx || tr ? rows * nb : 0;  // a transposed bias term gets its row repeated
     terms.grad_elements += rows * nb;
     terms.weight_elements += weight.numel();
@@ -1168,14 +702,8 @@ Terms prepare_terms(const char* op, const at::Tensor& q, const at::Tensor& k, co
                 ": expected bucket ids of shape (", Lq, ", ", Lk, "), got ", index.sizes());
     KernelIds& ids = kernel_ids(op, terms, index, nb);
     terms.weights.push_back(weight.contiguous());
-    ValueSpec spec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv, ids.ids.const_data_ptr<int32_t>(),
-                   terms.value_nb, terms.weight_elements};
-    if (own_pass(nb, q.scalar_type())) {  // its backward's gathers read the windows
-      std::tie(spec.window_base, spec.window_rel) = ids.windows();
-    }
-    spec.factors = ids.factors();
-    terms.max_factor_width = std::max(terms.max_factor_width, spec.factors.W);
-    terms.values.push_back(spec);
+    terms.values.push_back(ValueSpec{terms.weights.back().const_data_ptr(), weight.size(0), nb, dv,
+                                     ids.ids.const_data_ptr<int32_t>(), terms.value_nb, terms.weight_elements});
     terms.value_nb += nb;
     terms.weight_elements += weight.numel();
     terms.max_nb = std::max(terms.max_nb, nb);
@@ -1191,8 +719,7 @@ void make_views(const Terms& terms, const Mat<scalar_t>& qm, const Mat<scalar_t>
     const TermSpec& spec = terms.specs[t];
     const scalar_t* w = static_cast<const scalar_t*>(spec.weight) + h * spec.head_stride();
     TermView<scalar_t>& view = views[t];
-    view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb, spec.own_pass, spec.window_base,
-                              spec.window_rel, spec.factors};
+    view = TermView<scalar_t>{w, 0, spec.ids, spec.transposed, nullptr, spec.nb};
     scalar_t* table = tables + spec.table_offset;
     if (spec.transposed) {  // the (nb x rows) table: s (k W)^T = s W^T k^T, or the weight's column repeated
       if (spec.contextual) {
@@ -1244,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
   // and the scatter copies), allocated here: buffers malloc'ed inside the workers go to per-thread arenas, which
   // return memory to the OS eagerly, and the page faults that follow cost the rest of the step dearly.
   const int64_t per_thread = rows_per_block * Lk + terms.table_elements + rows_per_block * terms.value_nb +
-                             kCopies * terms.max_nb + rows_per_block + terms.max_factor_width;
+                             kCopies * terms.max_nb + rows_per_block;
   at::Tensor workspace = at::empty({at::get_num_threads(), per_thread}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_cpu", [&] {
     const auto s = static_cast<scalar_t>(scale);
@@ -1258,7 +785,6 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
       scalar_t* value_sums = tables + terms.table_elements;  // (rows_per_block x nb) per value term
       scalar_t* scratch = value_sums + rows_per_block * terms.value_nb;
       scalar_t* inv_sums = scratch + kCopies * terms.max_nb;  // 1 / (row sum of exp) per row of the block
-      scalar_t* grid_sums = inv_sums + rows_per_block;         // a factored row's key rows summed
       std::vector<TermView<scalar_t>> views(n_terms);
       for (int64_t bh = t0; bh < t1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -1286,14 +812,8 @@ std::tuple<at::Tensor, at::Tensor> rpe_attention_cpu(const at::Tensor& q_in, con
             inv_sums[r] = sum > 0 ? scalar_t(1) / sum : scalar_t(0);  // Lk = 0 or every key masked: a zero output
             lse_data[bh * Lq + i0 + r] = m + std::log(sum);
             for (const ValueSpec& value : terms.values) {  // S[r] = bucket sums of the row, while it is in L1
-              const int64_t nb = value.nb;
-              const int32_t* ix = value.ids + (i0 + r) * Lk;
-              scalar_t* sums = value_sums + value.block_offset * rows_per_block + r * nb;
-              if (value.factors.covers(i0 + r)) {
-                factored_bucket_sum_row(row, ix, value.factors, i0 + r, nb, grid_sums, sums, /*accumulate=*/false);
-              } else {
-                bucket_sum_one_row(row, Lk, ix, nb, scratch, sums, /*accumulate=*/false);
-              }
+              scalar_t* sums = value_sums + value.block_offset * rows_per_block + r * value.nb;
+              bucket_sum_one_row(row, Lk, value.ids + (i0 + r) * Lk, value.nb, scratch, sums, /*accumulate=*/false);
             }
           }
           gemm<scalar_t>(false, false, n, dv, Lk, 1, logits, Lk, vm.p, vm.ld, 0, om.row(i0), om.ld);  // P V
@@ -1347,8 +867,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
     // probabilities and their gradient (a block each), contextual tables, tables' gradients, scatter copies, and per
     // value term a block of dO W_v^T and one of bucket sums of the probabilities
     const int64_t per_thread = 2 * rows_per_block * Lk + terms.table_elements + terms.grad_elements +
-                               kCopies * terms.max_nb + 2 * rows_per_block * terms.value_nb +
-                               terms.max_factor_width;
+                               kCopies * terms.max_nb + 2 * rows_per_block * terms.value_nb;
     at::Tensor workspace = at::empty({threads, per_thread}, q.options());  // see forward
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rpe_attention_backward_cpu", [&] {
       const auto s = static_cast<scalar_t>(scale);
@@ -1366,7 +885,6 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
         scalar_t* scratch = table_grads + terms.grad_elements;
         scalar_t* value_grads = scratch + kCopies * terms.max_nb;  // dO W_v^T (rows_per_block x nb) per value term
         scalar_t* value_sums = value_grads + rows_per_block * terms.value_nb;  // bucket sums of P, likewise
-        scalar_t* grid_sums = value_sums + rows_per_block * terms.value_nb;    // a factored row's key rows summed
         scalar_t* weight_grad = wg_data + tid * terms.weight_elements;
         std::vector<TermView<scalar_t>> views(n_terms);
         for (int64_t bh = t0; bh < t1; ++bh) {
@@ -1405,18 +923,8 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               bool first = true;
               for (const ValueSpec& value : terms.values) {
                 const int64_t nb = value.nb, offset = value.block_offset * rows_per_block + r * nb;
-                const int32_t* ix = value.ids + (i0 + r) * Lk;
-                const bool windows = value.window_base != nullptr;
-                const int32_t* base = windows ? value.window_base + (i0 + r) * (Lk / kWindow) : nullptr;
-                const uint8_t* rel = windows ? value.window_rel + (i0 + r) * Lk : nullptr;
-                if (value.factors.covers(i0 + r)) {  // the gathers alone, then the factored sums of P
-                  gather_row(grads + r * Lk, value_grads + offset, Lk, ix, base, rel, first);
-                  factored_bucket_sum_row(probs + r * Lk, ix, value.factors, i0 + r, nb, grid_sums,
-                                          value_sums + offset, /*accumulate=*/false);
-                } else {
-                  value_row_backward_any(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, ix, base, rel, nb,
-                                         scratch, value_sums + offset, first);
-                }
+                value_row_backward(grads + r * Lk, probs + r * Lk, Lk, value_grads + offset, value.ids + (i0 + r) * Lk,
+                                   nb, scratch, value_sums + offset, first);
                 first = false;
               }
             }
@@ -1428,7 +936,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               // saturates, the difference dP - rowsum then cancels between numbers rounded the same way.
               const scalar_t delta = row_dot(probs + r * Lk, row, Lk);
               softmax_grad_row(row, probs + r * Lk, Lk, delta);
-              bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch, grid_sums);
+              bucket_sum_row(row, Lk, views.data(), n_terms, i0 + r, scratch);
             }
             gemm<scalar_t>(false, false, n, d, Lk, s, grads, Lk, km.p, km.ld, 0, dqm.row(i0), dqm.ld);  // dQ = s dS K
             gemm<scalar_t>(true, false, Lk, d, n, s, grads, Lk, qb, qm.ld, 1, dkm.p, dkm.ld);  // dK += s dS^T Q
@@ -1455,7 +963,7 @@ std::vector<at::Tensor> rpe_attention_backward_cpu(const at::Tensor& grad_out_in
               gemm<scalar_t>(true, tr, spec.d, spec.nb, spec.rows, s, x.p, x.ld, dt, ldt, 1, dw, spec.nb);
             } else if (tr) {
               for (int64_t c = 0; c < spec.nb; ++c) {
-                dw[c] += lane_sum(dt + c * spec.rows, spec.rows);
+                dw[c] += simd_sum(dt + c * spec.rows, spec.rows);
               }
             } else {
               for (int64_t r = 0; r < spec.rows; ++r) {

@@ -15,15 +15,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "rpe_ops.h"
 
@@ -88,30 +81,6 @@ constexpr int64_t kGrainElements = 32768;
 // chain when consecutive keys fall into the same bucket (common: far keys share the clipped buckets).
 constexpr int64_t kMaxLaneBuckets = 1024;
 constexpr int64_t kLanes = 4;
-
-// Fresh outputs of many MiB are first touched by our kernel: asking for transparent huge pages turns ~500 page
-// faults per MiB into a handful. Only a hint; RPE_OPS_HUGEPAGES=0 turns it off.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  static const bool enabled = [] {
-    const char* env = std::getenv("RPE_OPS_HUGEPAGES");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const auto bytes = static_cast<uintptr_t>(t.nbytes());
-  if (!enabled || bytes < 2 * kHuge) {
-    return;
-  }
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-  if (last > first) {
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)t;
-#endif
-}
 
 // Strides of the first three dims of a 4-D tensor, and the row walker shared by both kernels.
 struct RowWalker {
@@ -244,7 +213,6 @@ at::Tensor rpe_index_cpu(const at::Tensor& input, const at::Tensor& index) {
   if (out.numel() == 0) {
     return out;
   }
-  advise_huge_pages(out);
   const at::Tensor in = rows_input(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rpe_index_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "rpe_index_cpu",
@@ -265,7 +233,6 @@ at::Tensor rpe_bucket_sum_cpu(const at::Tensor& input, const at::Tensor& index, 
   if (out.numel() == 0) {
     return out;
   }
-  advise_huge_pages(out);
   const at::Tensor in = rows_input(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "rpe_bucket_sum_cpu", [&] {
     AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "rpe_bucket_sum_cpu",
