@@ -2,7 +2,7 @@
 
 Pretrained weights (:func:`load_pretrained`, used by :mod:`rpe_models`) and ``main.py``'s ``--resume``,
 ``--finetune`` and ``--teacher-path`` all go through :func:`fetch_checkpoint` (local files in place, http(s) URLs
-downloaded by torch.hub, with timeouts, into a per-URL cache), :func:`load_checkpoint` (``weights_only``),
+downloaded with a timeout into a per-URL cache in torch.hub's directory), :func:`load_checkpoint` (``weights_only``),
 :func:`checkpoint_state_dict` and :func:`load_state_dict` (after :func:`adapt_state_dict` for pretrained weights and
 ``--finetune``). Every failure raises a one-line :class:`CheckpointError`, which ``main.py`` prints as ``error: ...``.
 """
@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import socket
 import urllib.parse
 import urllib.request
 import warnings
@@ -28,6 +27,7 @@ from timm.models import clean_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+import utils
 from utils import UserError
 
 DOWNLOAD_TIMEOUT_ENV = "IRPE_DOWNLOAD_TIMEOUT"
@@ -98,9 +98,10 @@ def fetch_checkpoint(
     """Local path of a checkpoint: a file path (or ``file://`` URL) as is, an http(s) URL downloaded into the cache.
 
     A cached download is used without contacting the server, unless ``refresh`` (``main.py``'s flags: a run's
-    ``checkpoint.pth`` changes every epoch). torch.hub renames its temporary file to the cache file only when the
-    transfer ends without error (with the SHA-256 prefix of a ``<name>-<hex>.pth`` name if ``check_hash``); its
-    ``urlopen`` takes no timeout, so the process-wide socket default bounds connecting and every read meanwhile.
+    ``checkpoint.pth`` changes every epoch). The transfer goes to a temporary file that replaces the cache file only
+    when it ends without error (:func:`utils.atomic_write`; with ``check_hash``, the SHA-256 prefix of a
+    ``<name>-<hex>.pth`` name, as torch.hub checks it, must match); connecting and every read time out after
+    :func:`download_timeout` seconds.
 
     Raises:
         CheckpointError: missing local file, unsupported URL scheme, or failed download.
@@ -116,20 +117,29 @@ def fetch_checkpoint(
         return path
     timeout, cached = download_timeout(), path.is_file()
     match = torch.hub.HASH_REGEX.search(path.name) if check_hash else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    default_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
     try:
-        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress)
-    except (OSError, http.client.HTTPException, RuntimeError) as err:  # timeouts are OSError, a wrong hash Runtime
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with torch.hub.tqdm(total=size, disable=not progress, unit="B", unit_scale=True) as bar:
+                utils.atomic_write(path, lambda out: _copy_checked(response, out, match and match.group(1), bar.update))
+    except (OSError, http.client.HTTPException, ValueError) as err:  # timeouts are OSError, a wrong hash ValueError
         kept = "the copy downloaded earlier was kept" if cached else "nothing was cached"
         raise CheckpointError(
             f"could not download {url}: {err} (timeout {timeout:g} s to connect and per read; "
             f"{DOWNLOAD_TIMEOUT_ENV} sets it); {kept} (cache file: {path})"
         ) from err
-    finally:
-        socket.setdefaulttimeout(default_timeout)
     return path
+
+
+def _copy_checked(response: Any, out: Any, hash_prefix: str | None, advance: Any) -> None:
+    """Copies the body of ``response`` into ``out``; ``ValueError`` unless its SHA-256 starts with ``hash_prefix``."""
+    digest = hashlib.sha256()
+    while chunk := response.read(1 << 20):
+        out.write(chunk)
+        digest.update(chunk)
+        advance(len(chunk))
+    if hash_prefix and not digest.hexdigest().startswith(hash_prefix):
+        raise ValueError(f"its SHA-256 {digest.hexdigest()} does not start with {hash_prefix} (named in the file)")
 
 
 def load_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
