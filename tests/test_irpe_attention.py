@@ -9,11 +9,10 @@ import importlib.util
 
 import pytest
 import torch
-from torch import nn
 
-import irpe
 import irpe_attention
 import rpe_ops
+from rpe_cases import random_encodings
 from tolerances import assert_close_reduction, reduction_tol
 
 OPS = rpe_ops.serves(torch.device("cpu"), torch.float32)[0]  # compiled rpe_ops built and loaded
@@ -32,17 +31,8 @@ ATTENTION_CONFIGS = [
 
 
 def _attention_inputs(config_args, dtype, device="cpu", B=2, H=3, d=8, height=4, width=3, seed=0, values_args=None):
-    """q, k, v and the encodings of ``config_args``; ``values_args`` (a config with ``rpe_on='v'``) replaces the
-    encoding on values, e.g. a contextual one beside bias encodings on queries and keys (bias has none on values)."""
-    torch.manual_seed(seed)
-    modules = irpe.build_rpe(irpe.get_rpe_config(**config_args), d, H)
-    if values_args is not None:
-        modules[2] = irpe.build_rpe(irpe.get_rpe_config(**values_args), d, H)[2]
-    for module in modules:
-        if module is not None:
-            module.to(device=device, dtype=dtype)
-            for p in module.parameters():
-                nn.init.normal_(p)
+    """q, k, v and the encodings of ``config_args`` (:func:`rpe_cases.random_encodings`)."""
+    modules = random_encodings(config_args, d, H, dtype, device, values_args, seed)
     L = config_args.get("skip", 0) + height * width
     qkv = [torch.randn(B, H, L, d, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
     return qkv, modules, (height, width)

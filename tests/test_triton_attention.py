@@ -21,6 +21,7 @@ from torch import nn
 import irpe
 import irpe_attention
 import rpe_ops
+from rpe_cases import random_encodings
 from tolerances import assert_close_reduction
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the kernel's tests need it)")
@@ -36,18 +37,8 @@ interpreter = pytest.mark.skipif(
 
 
 def _modules(config_args, head_dim, num_heads, values_args=None, seed=0):
-    """The encodings of ``config_args`` in float64 with random (not zero) tables; ``values_args`` replaces the one on
-    values (a contextual encoding beside bias ones, bias having no values mode)."""
-    torch.manual_seed(seed)
-    modules = irpe.build_rpe(irpe.get_rpe_config(**config_args), head_dim, num_heads)
-    if values_args is not None:
-        modules[2] = irpe.build_rpe(irpe.get_rpe_config(**values_args), head_dim, num_heads)[2]
-    for module in modules:
-        if module is not None:
-            module.double()
-            for p in module.parameters():
-                nn.init.normal_(p)
-    return modules
+    """The encodings of ``config_args`` in float64 with random tables (:func:`rpe_cases.random_encodings`)."""
+    return random_encodings(config_args, head_dim, num_heads, torch.float64, values_args=values_args, seed=seed)
 
 
 def _terms(modules, q, k, grid):
